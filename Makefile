@@ -1,0 +1,42 @@
+# The interface: `make demo`, `make ui`, `make test` (each sets up everything it needs first).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha256sum | cut -c1-12)
+
+export DAGSTER_HOME := $(CURDIR)/dagster_home
+# Nothing is ever downloaded at run time: make any accidental hub access fail fast instead of hanging.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export DAGSTER_DISABLE_TELEMETRY := 1
+export TRANSFORMERS_VERBOSITY := error
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup models demo ui test clean-data
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	# CLIP's BPE file (for single-file SD 1.5 checkpoints) ships in open_clip; --no-deps keeps torchvision out.
+	$(VENV)/bin/pip install --quiet --no-deps open_clip_torch==3.3.0
+	$(PY) training/configs/build_clip_tokenizer.py
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+setup: $(STAMP)
+
+models: setup
+	$(PY) -m embedded
+
+demo: models
+	$(PY) -m pipelines.demo
+
+ui: models
+	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-data:
+	rm -rf data

@@ -1,0 +1,115 @@
+"""The per-dataset settings file `datasets/<name>/dataset.yaml`: one section per stage, validated.
+
+Why sections: each section is observed as its own asset whose data version is the hash of that section
+with defaults applied, so editing the caption threshold makes only `tag_table` unsynced, and editing a
+comment or an unrelated section changes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from common.hashing import json_sha256
+
+SETTINGS_FILE = "dataset.yaml"
+
+
+class SettingsError(ValueError):
+    """A dataset.yaml that cannot be used; the message names the file and the offending field."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo such as `general_treshold` must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PreprocessSettings(_Section):
+    size: int = Field(512, ge=8, le=4096, description="output side in pixels (webui: width/height)")
+    flip: bool = Field(False, description="also write horizontally flipped copies (webui: create flipped copies)")
+    resample: Literal["lanczos", "bicubic", "bilinear", "nearest", "box", "hamming"] = "lanczos"
+    background: tuple[int, int, int] = Field((255, 255, 255), description="RGB that transparency is composited on")
+    min_side: int = Field(1, ge=1, description="images with a smaller side are skipped")
+    max_pixels: int = Field(89_478_485, ge=1, description="decompression-bomb limit, width x height")
+
+
+class TaggingSettings(_Section):
+    tagger: Literal["wd14"] = Field("wd14", description="tagger backend")
+    model: str | None = Field(None, description="tagger model folder; default: the tagger resource's folder")
+    batch_size: int = Field(8, ge=1, le=1024)
+
+
+class CaptionSettings(_Section):
+    general_threshold: float | None = Field(None, ge=0, le=1, description="default: the tagger backend's")
+    character_threshold: float | None = Field(None, ge=0, le=1, description="default: the tagger backend's")
+    include_rating: bool = False
+    replace_underscores: bool = Field(True, description="webui: use spaces for tags")
+    escape_brackets: bool = Field(True, description="webui: escape (\\) brackets")
+    sort_alphabetically: bool = Field(False, description="webui: sort alphabetically; else by confidence")
+    exclude_tags: tuple[str, ...] = ()
+
+
+class TrainingSettings(_Section):
+    embedding_name: str | None = Field(None, description="[name] in prompts; default: the dataset name")
+    vectors_per_token: int = Field(1, ge=1, le=75, description="webui: number of vectors per token")
+    initialization_text: str = Field("*", description="webui: initialization text")
+    learning_rate: str = Field("0.005", description="a rate or a webui schedule such as '0.005:100, 1e-3:1000, 1e-5'")
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_steps: int = Field(1000, ge=1)
+    template: str = Field("subject_filewords", description="shipped template name or path to a template file")
+    seed: int = 0
+    clip_skip: int = Field(1, ge=1, le=12)
+    save_embedding_every: int = Field(0, ge=0, description="save a copy every N steps (0: only the final)")
+    shuffle_tags: bool = False
+    tag_drop_out: float = Field(0.0, ge=0, le=1)
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _rate_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+class EvaluationSettings(_Section):
+    prompts: tuple[str, ...] = ("a photo of [name]", "a painting of [name]")
+    negative_prompt: str = ""
+    seeds: tuple[int, ...] = (1, 2, 3)
+    steps: int = Field(20, ge=1, le=500)
+    cfg_scale: float = Field(7.0, ge=0)
+    sampler: Literal["ddim", "dpm", "euler", "euler_a", "pndm"] = "dpm"
+
+
+class DatasetSettings(_Section):
+    preprocess: PreprocessSettings = PreprocessSettings()
+    tagging: TaggingSettings = TaggingSettings()
+    captions: CaptionSettings = CaptionSettings()
+    training: TrainingSettings = TrainingSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+
+
+SECTIONS: tuple[str, ...] = tuple(DatasetSettings.model_fields)
+
+
+def load_dataset_settings(dataset_dir: Path) -> DatasetSettings:
+    """Read and validate `dataset.yaml`; a missing file means all defaults."""
+    path = dataset_dir / SETTINGS_FILE
+    if not path.exists():
+        return DatasetSettings()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise SettingsError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
+    try:
+        return DatasetSettings.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        raise SettingsError(f"{path}: {problems}") from error
+
+
+def section_version(settings: DatasetSettings, section: str) -> str:
+    return json_sha256(getattr(settings, section).model_dump(mode="json"))

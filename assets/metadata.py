@@ -1,0 +1,57 @@
+"""Materialisation metadata the UI shows: counts, images inlined (kept small), table previews."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+from dagster import Failure, MetadataValue
+from PIL import Image
+
+from assets.dataset_settings import DatasetSettings, SettingsError, load_dataset_settings
+from resources import ProjectPaths
+
+ITEM_STATUSES = ("processed", "reused", "skipped")
+
+
+def settings_for(paths: ProjectPaths, dataset: str) -> DatasetSettings:
+    """The dataset's settings, or a run failure that names the file and the field at fault."""
+    dataset_dir = paths.dataset_dir(dataset)
+    if not dataset_dir.is_dir():
+        raise Failure(description=f"dataset folder {dataset_dir} does not exist (was it removed or renamed?)")
+    try:
+        return load_dataset_settings(dataset_dir)
+    except SettingsError as error:
+        raise Failure(description=str(error)) from error
+
+
+def require_file(path: Path, producer: str) -> Path:
+    if not path.is_file():
+        raise Failure(description=f"{path} is missing: materialize `{producer}` for this dataset first")
+    return path
+
+
+def image_md(image: Image.Image | Path, *, max_side: int = 512, caption: str = "") -> MetadataValue:
+    """An image inlined as a PNG data URL, scaled down so the event log stays light."""
+    picture = Image.open(image) if isinstance(image, Path) else image
+    picture = picture.convert("RGB")
+    picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=True)
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return MetadataValue.md(f"![{caption}](data:image/png;base64,{encoded})")
+
+
+def status_counts(statuses: Iterable[str]) -> dict[str, int]:
+    """`processed` (computed now), `reused` (from a cache) and `skipped`: what a run actually did."""
+    counts = pd.Series(list(statuses), dtype="object").value_counts()
+    return {status: int(counts.get(status, 0)) for status in ITEM_STATUSES}
+
+
+def table_md(frame: pd.DataFrame, *, rows: int = 20) -> MetadataValue:
+    if frame.empty:
+        return MetadataValue.md("_(empty)_")
+    return MetadataValue.md(frame.head(rows).to_markdown(index=False))

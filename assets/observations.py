@@ -1,0 +1,101 @@
+"""The observed inputs of the graph: the raw images of each dataset and each section of its settings.
+
+Their data versions drive staleness: a stage is unsynced exactly when one of the observed inputs it
+depends on (or an upstream output) has a new data version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from dagster import (
+    AssetKey,
+    AssetObservation,
+    DataVersion,
+    DataVersionsByPartition,
+    SourceAsset,
+    observable_source_asset,
+)
+
+from assets.dataset_settings import SECTIONS, SettingsError, load_dataset_settings, section_version
+from assets.partitions import datasets_partitions, is_valid_dataset_name
+from common.hashing import tree_sha256
+from resources import ProjectPaths
+from tagging.images import list_images
+
+DATA_VERSION_TAG = "dagster/data_version"  # the tag Dagster reads an observation's data version from
+SETTINGS_ASSETS = {section: f"{section}_settings" for section in SECTIONS}
+
+
+def raw_images_version(dataset_dir: Path) -> str:
+    """Hash of (relative path, content hash) of every image, so renames, edits, additions and deletions count."""
+    return tree_sha256(list_images(dataset_dir), dataset_dir)
+
+
+def dataset_versions(dataset_dir: Path) -> dict[str, str]:
+    """Data versions of every observed asset of one dataset; raises SettingsError for a bad dataset.yaml."""
+    settings = load_dataset_settings(dataset_dir)
+    versions = {name: section_version(settings, section) for section, name in SETTINGS_ASSETS.items()}
+    versions["raw_images"] = raw_images_version(dataset_dir)
+    return versions
+
+
+def dataset_folders(paths: ProjectPaths) -> list[str]:
+    root = paths.datasets_root()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and is_valid_dataset_name(p.name))
+
+
+def observation_events(dataset: str, versions: dict[str, str]) -> Iterator[AssetObservation]:
+    for asset_name, version in versions.items():
+        yield AssetObservation(asset_key=AssetKey(asset_name), partition=dataset, tags={DATA_VERSION_TAG: version})
+
+
+def _observe_all(context, paths: ProjectPaths, asset_name: str) -> DataVersionsByPartition:
+    known = set(context.instance.get_dynamic_partitions(datasets_partitions.name))
+    versions: dict[str, DataVersion] = {}
+    for dataset in dataset_folders(paths):
+        if dataset not in known:
+            continue
+        dataset_dir = paths.dataset_dir(dataset)
+        try:
+            if asset_name == "raw_images":
+                versions[dataset] = DataVersion(raw_images_version(dataset_dir))
+            else:
+                section = asset_name.removesuffix("_settings")
+                versions[dataset] = DataVersion(section_version(load_dataset_settings(dataset_dir), section))
+        except SettingsError as error:
+            # One broken dataset.yaml must not stop every other dataset from being observed.
+            context.log.error(f"not observing {asset_name} of dataset {dataset!r}: {error}")
+    return DataVersionsByPartition(versions)
+
+
+@observable_source_asset(
+    partitions_def=datasets_partitions,
+    group_name="inputs",
+    description="The images under datasets/<name>/ (never modified); data version = hash of paths and contents.",
+)
+def raw_images(context, paths: ProjectPaths) -> DataVersionsByPartition:
+    return _observe_all(context, paths, "raw_images")
+
+
+def _settings_asset(section: str) -> SourceAsset:
+    asset_name = SETTINGS_ASSETS[section]
+
+    @observable_source_asset(
+        name=asset_name,
+        partitions_def=datasets_partitions,
+        group_name="inputs",
+        description=f"The `{section}` section of datasets/<name>/dataset.yaml, defaults applied; "
+        "data version = hash of that section.",
+    )
+    def _observe(context, paths: ProjectPaths) -> DataVersionsByPartition:
+        return _observe_all(context, paths, asset_name)
+
+    return _observe
+
+
+settings_assets = {section: _settings_asset(section) for section in SECTIONS}
+observed_assets = [raw_images, *settings_assets.values()]

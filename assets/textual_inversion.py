@@ -1,0 +1,121 @@
+"""`textual_inversion`: an embedding trained on the prepared images and their captions."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from assets.metadata import image_md, require_file, settings_for
+from assets.observations import settings_assets
+from assets.partitions import datasets_partitions
+from assets.prepared_images import STAGE as PREPARED, kept_rows, manifest_path, prepared_images
+from assets.tag_table import captions_path, tag_table
+from common.atomic import write_text
+from common.hashing import bytes_sha256
+from resources import BaseModelResource, ProjectPaths, TorchDevice
+from training.textual_inversion import TextualInversionSettings, TrainingExample, train_textual_inversion
+
+STAGE = "textual_inversion"
+RUN_FILE = "training_run.json"
+
+
+def training_examples(paths: ProjectPaths, dataset: str) -> list[TrainingExample]:
+    """Prepared images paired with their captions ([filewords]); an image with no caption gets ""."""
+    manifest = kept_rows(pd.read_parquet(require_file(manifest_path(paths, dataset), PREPARED)))
+    captions = pd.read_parquet(require_file(captions_path(paths, dataset), "tag_table"))
+    by_image = dict(zip(captions["image"], captions["caption"]))
+    folder = paths.output_dir(dataset, PREPARED)
+    return [TrainingExample(image_path=folder / name, filewords=by_image.get(name, "")) for name in manifest["output"]]
+
+
+def read_training_run(paths: ProjectPaths, dataset: str) -> dict:
+    """What the last training wrote (embedding name, files, clip skip), for the stages after it."""
+    return json.loads(require_file(paths.output_dir(dataset, STAGE) / RUN_FILE, STAGE).read_text(encoding="utf-8"))
+
+
+@asset(
+    partitions_def=datasets_partitions,
+    deps=[prepared_images, tag_table, settings_assets["training"]],
+    group_name="training",
+    code_version="1",
+    pool="gpu",
+    kinds={"pytorch"},
+    check_specs=[AssetCheckSpec("embedding_is_finite", asset=STAGE, description="no NaN or inf in the vectors")],
+    description="A textual-inversion embedding: webui .pt, diffusers learned_embeds.safetensors, loss log and "
+    "curve. Not eager: runs on demand or on the nightly retrain when its inputs changed.",
+)
+def textual_inversion(
+    context: AssetExecutionContext, paths: ProjectPaths, base_model: BaseModelResource, device: TorchDevice
+) -> MaterializeResult:
+    dataset = context.partition_key
+    training = settings_for(paths, dataset).training
+    examples = training_examples(paths, dataset)
+    if not examples:
+        raise ValueError(f"dataset {dataset!r} has no prepared images to train on")
+    name = training.embedding_name or dataset
+    settings = TextualInversionSettings(
+        name=name,
+        vectors_per_token=training.vectors_per_token,
+        initialization_text=training.initialization_text,
+        learning_rate=training.learning_rate,
+        batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        max_steps=training.max_steps,
+        template=training.template,
+        seed=training.seed,
+        clip_skip=training.clip_skip,
+        save_every=training.save_embedding_every,
+        shuffle_tags=training.shuffle_tags,
+        tag_dropout=training.tag_drop_out,
+    )
+    base = base_model.load(device)
+    context.log.info(f"training {name!r} on {len(examples)} images, {base.source} on {base.device} ({base.dtype})")
+    every = max(1, settings.max_steps // 10)
+
+    def progress(step: int, loss: float) -> None:
+        if step % every == 0 or step == settings.max_steps:
+            context.log.info(f"step {step}/{settings.max_steps} loss {loss:.5f}")
+
+    out_dir = paths.output_dir(dataset, STAGE)
+    result = train_textual_inversion(base, examples, settings, out_dir, progress=progress)
+    files = {key: str(path) for key, path in result.files.items()}
+    write_text(
+        out_dir / RUN_FILE,
+        json.dumps({"name": name, "steps": result.steps, "clip_skip": settings.clip_skip, "files": files,
+                    "base_model": str(base.source), "sd_checkpoint": base.short_hash}, indent=2),
+    )
+    vectors = result.vectors.detach().float().cpu().contiguous()
+    finite = bool(vectors.isfinite().all())
+    tail = result.losses[-10:]
+    metadata = {
+        "embedding_name": name,
+        "steps": result.steps,
+        "images": len(examples),
+        "processed": len(examples),
+        "reused": 0,
+        "skipped": 0,
+        "final_loss_mean_10": float(sum(tail) / len(tail)) if tail else math.nan,
+        "vectors": MetadataValue.text(f"{tuple(vectors.shape)}"),
+        "webui_pt": MetadataValue.path(files["webui_pt"]),
+        "diffusers_embedding": MetadataValue.path(files["diffusers"]),
+        "loss_csv": MetadataValue.path(files["loss_csv"]),
+    }
+    if "loss_png" in result.files:
+        metadata["loss_curve"] = image_md(Path(files["loss_png"]), caption="training loss")
+    return MaterializeResult(
+        metadata=metadata,
+        data_version=DataVersion(bytes_sha256(vectors.numpy().tobytes())),
+        check_results=[AssetCheckResult(check_name="embedding_is_finite", passed=finite)],
+    )

@@ -1,0 +1,184 @@
+"""A tiny Stable-Diffusion-1.x-architecture model, built from a seed, saved in the diffusers folder layout.
+
+Why: the pipeline must run end to end on a laptop CPU with nothing downloaded, through exactly the code
+path that loads a real SD 1.5 folder. So this model has SD 1.x's shape (CLIP text encoder, cross-attention
+UNet with four resolution levels, KL autoencoder with an 8x spatial factor, the SD 1.5 noise schedule),
+only with very few channels, and a CLIP BPE tokenizer whose vocab/merges files we write ourselves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Words the tokenizer learns whole; everything else falls back to byte-level pieces, as in real CLIP.
+_CORPUS = """
+a an the of in on at with and by for to from my one two this that its his her their
+photo picture rendering painting drawing sketch illustration image render art style artwork
+close up cropped dark bright clean dirty good bad large small big little cool weird nice
+beautiful pretty cute face hat character person girl boy man woman cat dog animal creature
+red orange yellow green blue purple pink white black grey gray brown colour color colours
+background simple solo stripes striped gradient noise flat round pointed eyes eye portrait
+theme rating general sensitive questionable explicit high quality masterpiece best worst
+""".split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible byte -> printable-unicode table, so every byte has a base token."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def build_clip_bpe(words: list[str]) -> tuple[dict[str, int], list[str]]:
+    """A real CLIP-format BPE vocabulary: 256 byte tokens, their word-final forms, one merge chain per word.
+
+    Each word is merged left to right ("p h", "ph o", ...), with the last merge producing the word-final
+    "</w>" token, which is how CLIP's tokenizer marks the end of a word.
+    """
+    base = list(_bytes_to_unicode().values())
+    vocab_tokens = base + [b + "</w>" for b in base]
+    merges: list[str] = []
+    known = set(vocab_tokens)
+    for word in dict.fromkeys(words):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            merge = f"{current} {piece}"
+            current = current + piece
+            if merge not in merges:
+                merges.append(merge)
+            if current not in known:
+                known.add(current)
+                vocab_tokens.append(current)
+    vocab_tokens += [BOS, EOS]
+    return {token: index for index, token in enumerate(vocab_tokens)}, merges
+
+
+def write_tokenizer(folder: Path, words: list[str] = _CORPUS) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_clip_bpe(words)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    config = {
+        "model_max_length": 77,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": EOS,
+        "pad_token": EOS,
+        "do_lower_case": True,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+
+
+def _text_encoder(vocab_size: int, bos: int, eos: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=32,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    return CLIPTextModel(config)
+
+
+def _unet(cross_attention_dim: int) -> UNet2DConditionModel:
+    # SD 1.x block layout (three cross-attention levels and a plain one), tiny widths.
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+
+
+def _vae() -> AutoencoderKL:
+    # Four levels as in SD, so the latent is 1/8 of the image side and has 4 channels.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+
+
+def _sd15_scheduler() -> PNDMScheduler:
+    """SD 1.5's own scheduler config: the training noise schedule of every SD 1.x checkpoint."""
+    return PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def build_tiny_sd(out_dir: Path, *, seed: int = 0) -> Path:
+    """Build the model into `out_dir` (atomically: a half-built folder is never left at that path)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; remove it to rebuild the tiny model")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tiny-sd.", dir=out_dir.parent) as tmp:
+        staging = Path(tmp) / "model"
+        write_tokenizer(staging / "tokenizer")
+        tokenizer = CLIPTokenizer.from_pretrained(staging / "tokenizer", local_files_only=True)
+        torch.manual_seed(seed)
+        text_encoder = _text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+        torch.manual_seed(seed + 1)
+        unet = _unet(text_encoder.config.hidden_size)
+        torch.manual_seed(seed + 2)
+        vae = _vae()
+        pipeline = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=_sd15_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        # Our hand-written tokenizer files are the source of truth; keep them rather than re-serialised ones.
+        shutil.rmtree(staging / "tokenizer")
+        write_tokenizer(staging / "tokenizer")
+        staging.rename(out_dir)
+    return out_dir

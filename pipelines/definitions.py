@@ -1,0 +1,68 @@
+"""The one `Definitions` of the project, loaded by workspace.yaml, the UI, the daemon and the tests.
+
+Resource settings come from environment variables so the same code serves the embedded default (tiny
+models under models/, data under data/) and a user's real models: set SDP_BASE_MODEL to an SD 1.5 folder
+or .safetensors file and SDP_WD14_MODEL to a WD14 tagger folder, and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dagster import AssetSelection, AutomationConditionSensorDefinition, DefaultSensorStatus, Definitions
+
+from assets import all_assets
+from pipelines.automation import NIGHTLY_CRON, nightly_when_unsynced, on_change
+from pipelines.jobs import all_jobs
+from pipelines.sensors import dataset_sensor
+from resources import BaseModelResource, ProjectPaths, TaggerResource, TorchDevice
+
+EAGER = ("prepared_images", "tag_scores", "tag_table")
+NIGHTLY = ("textual_inversion", "evaluation_grid")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+def resources_from_env() -> dict[str, object]:
+    return {
+        "paths": ProjectPaths(
+            datasets_dir=_env("SDP_DATASETS_DIR", "datasets"), data_dir=_env("SDP_DATA_DIR", "data")
+        ),
+        "tagger": TaggerResource(wd14_model=_env("SDP_WD14_MODEL", "models/tiny-wd14")),
+        "base_model": BaseModelResource(path=_env("SDP_BASE_MODEL", "models/tiny-sd")),
+        "device": TorchDevice(device=_env("SDP_DEVICE", "auto"), precision=_env("SDP_PRECISION", "auto")),
+    }
+
+
+def _with_automation(spec):
+    name = spec.key.to_user_string()
+    if name in EAGER:
+        return spec.replace_attributes(automation_condition=on_change())
+    if name in NIGHTLY:
+        cron = _env("SDP_NIGHTLY_CRON", NIGHTLY_CRON)
+        return spec.replace_attributes(automation_condition=nightly_when_unsynced(cron, _env("SDP_TIMEZONE", "UTC")))
+    return spec
+
+
+automation_sensor = AutomationConditionSensorDefinition(
+    "automation",
+    target=AssetSelection.all(),
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Runs the eager stages when their inputs change and training/evaluation nightly when unsynced.",
+)
+
+
+
+def build_definitions(resources: dict[str, object] | None = None) -> Definitions:
+    """The project's definitions; tests pass their own resources (temporary folders, tiny models)."""
+    return Definitions(
+        assets=all_assets,
+        jobs=all_jobs,
+        sensors=[dataset_sensor, automation_sensor],
+        resources=resources if resources is not None else resources_from_env(),
+    ).map_asset_specs(func=_with_automation)
+
+
+defs = build_definitions()

@@ -1,0 +1,45 @@
+"""`make demo`: materialise every asset of the `demo` dataset into the project's Dagster instance.
+
+The runs are recorded in DAGSTER_HOME (dagster_home/), so `make ui` shows them in the run history.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from dagster import DagsterInstance
+
+from assets.partitions import datasets_partitions
+from embedded import build_missing
+from pipelines.definitions import defs
+from resources import PROJECT_ROOT
+
+DATASET = "demo"
+
+
+def main() -> int:
+    for relative in build_missing(PROJECT_ROOT):
+        print(f"built {relative}")
+    instance = DagsterInstance.get()
+    if not instance.has_dynamic_partition(datasets_partitions.name, DATASET):
+        instance.add_dynamic_partitions(datasets_partitions.name, [DATASET])
+
+    defs.resolve_job_def("observe_datasets").execute_in_process(instance=instance)
+    for job in ("prepare", "train"):
+        result = defs.resolve_job_def(job).execute_in_process(instance=instance, partition_key=DATASET)
+        print(f"job {job} for dataset {DATASET!r}: {'succeeded' if result.success else 'FAILED'}")
+
+    paths = defs.resources["paths"]
+    run = json.loads((paths.output_dir(DATASET, "textual_inversion") / "training_run.json").read_text())
+    grids = sorted(paths.output_dir(DATASET, "evaluation_grid").glob("*grid*.png"))
+    print("\nembedding files:")
+    for kind in ("webui_pt", "diffusers"):
+        print(f"  {kind:10s} {run['files'][kind]}")
+    print(f"evaluation grid:\n  {grids[0] if grids else '(missing)'}")
+    print("\nsee them in the UI: make ui, then open http://127.0.0.1:3000")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

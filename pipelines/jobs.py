@@ -1,0 +1,37 @@
+"""Named jobs, each run for one dataset partition from the UI, the CLI or the demo script."""
+
+from __future__ import annotations
+
+from dagster import AssetSelection, define_asset_job
+
+from assets import evaluation_grid, observed_assets, prepared_images, tag_scores, tag_table, textual_inversion
+from assets.partitions import datasets_partitions
+
+observe_job = define_asset_job(
+    "observe_datasets",
+    selection=AssetSelection.assets(*observed_assets),
+    description="Record the current data versions of every dataset's images and settings sections.",
+)
+prepare_job = define_asset_job(
+    "prepare",
+    selection=[prepared_images, tag_scores, tag_table],
+    partitions_def=datasets_partitions,
+    tags={"stage": "prepare"},
+    description="Prepare images, tag them and write captions.",
+)
+retag_job = define_asset_job(
+    "retag",
+    selection=[tag_scores, tag_table],
+    partitions_def=datasets_partitions,
+    tags={"stage": "tagging"},
+    description="Re-tag the prepared images and rewrite captions (after changing tagger or caption settings).",
+)
+train_job = define_asset_job(
+    "train",
+    selection=[textual_inversion, evaluation_grid],
+    partitions_def=datasets_partitions,
+    tags={"stage": "train", "method": "textual_inversion"},
+    description="Train the textual-inversion embedding and render its evaluation grid.",
+)
+
+all_jobs = [observe_job, prepare_job, retag_job, train_job]

@@ -1,0 +1,16 @@
+"""Small helpers for the graph-level tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+
+def edit_settings(dataset_dir: Path, section: str, **values) -> None:
+    """Change some keys of one dataset.yaml section, keeping the rest, as a user editing the file would."""
+    path = dataset_dir / "dataset.yaml"
+    settings = yaml.safe_load(path.read_text()) if path.exists() else {}
+    settings = settings or {}
+    settings.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))

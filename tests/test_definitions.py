@@ -1,0 +1,36 @@
+"""The project loads the way the UI and the daemon load it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dagster_definitions_validate_passes_on_workspace():
+    dagster = Path(sys.executable).with_name("dagster")
+    env = {**os.environ, "DAGSTER_HOME": str(ROOT / "dagster_home"), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [str(dagster), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_graph_shape():
+    from pipelines.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    parents = {key.to_user_string(): sorted(p.to_user_string() for p in graph.get(key).parent_keys)
+               for key in graph.get_all_asset_keys()}
+    assert parents["prepared_images"] == ["preprocess_settings", "raw_images"]
+    assert parents["tag_scores"] == ["prepared_images", "tagging_settings"]
+    assert parents["tag_table"] == ["captions_settings", "tag_scores"]
+    assert parents["textual_inversion"] == ["prepared_images", "tag_table", "training_settings"]
+    assert parents["evaluation_grid"] == ["evaluation_settings", "textual_inversion"]
+    for name in ("tag_scores", "textual_inversion", "evaluation_grid"):
+        assert graph.get(next(k for k in graph.get_all_asset_keys() if k.to_user_string() == name)).pools == {"gpu"}
+    assert {job.name for job in defs.jobs} >= {"prepare", "retag", "train"}

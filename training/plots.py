@@ -1,0 +1,67 @@
+"""The training-loss chart: raw per-step loss is noisy (random timesteps), so a moving average shows the trend.
+
+Drawn on a bare matplotlib Figure with the Agg canvas, not pyplot, so concurrent runs in one process share
+no global figure state and nothing needs a display.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from common.atomic import atomic_path
+
+
+def _read_losses(csv_or_losses: str | os.PathLike[str] | Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(csv_or_losses, (str, os.PathLike)):
+        path = Path(csv_or_losses)
+        try:
+            frame = pd.read_csv(path)
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+            raise ValueError(f"{path}: cannot read the loss table ({error})") from error
+        if not {"step", "loss"} <= set(frame.columns):
+            raise ValueError(f"{path}: the loss table needs 'step' and 'loss' columns, found {list(frame.columns)}")
+        return frame["step"].to_numpy(dtype=float), frame["loss"].to_numpy(dtype=float)
+    losses = np.asarray(list(csv_or_losses), dtype=float)
+    return np.arange(1, len(losses) + 1, dtype=float), losses
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over up to `window` values, so the first points are averages of what exists so far."""
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(0, ends - window)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def default_window(n_points: int) -> int:
+    return max(1, min(50, n_points // 10))
+
+
+def plot_loss(
+    csv_or_losses: str | os.PathLike[str] | Sequence[float], out_path: str | os.PathLike[str], title: str
+) -> Path:
+    steps, losses = _read_losses(csv_or_losses)
+    if len(losses) == 0:
+        raise ValueError(f"{title}: no loss values to plot")
+    window = default_window(len(losses))
+    figure = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
+    axes.plot(steps, moving_average(losses, window), color="tab:red", linewidth=2, label=f"moving average ({window} steps)")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    with atomic_path(out_path) as tmp:
+        figure.savefig(tmp, format="png")
+    return Path(out_path)

@@ -1,0 +1,337 @@
+"""Textual-inversion training: learn a few token vectors so the frozen model reproduces the training images.
+
+The algorithm is the webui's: VAE latents sampled once per image, a random timestep and noise per sample,
+the frozen UNet predicts the noise (or velocity) from the prompt conditioning, and the MSE gradient reaches
+only the embedding's vectors through the frozen UNet and text encoder. All randomness comes from one
+seeded torch.Generator, so a seed gives the same vectors on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from PIL import Image, UnidentifiedImageError
+
+from common.atomic import write_text
+from training.base_model import BaseModel
+from training.embedding_formats import save_diffusers_embedding, save_webui_pt
+from training.lr_schedule import parse_schedule
+from training.plots import plot_loss
+from training.prompt_encoding import (
+    PlaceholderPrompts,
+    check_clip_skip,
+    encode_prompts,
+    initial_vectors,
+    tokenize_with_placeholder,
+)
+from training.templates import NAME_KEYWORD, load_template, render_prompt
+
+# Prompt syntax the webui gives meaning to (emphasis, weights, tag separators) cannot be part of a name.
+_NAME_PATTERN = re.compile(r"[^\s,()\[\]{}:]+")
+_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_LATENT_BATCH = 4
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the vectors became NaN/inf; nothing from that step on is written."""
+
+
+@dataclass(frozen=True)
+class TextualInversionSettings:
+    name: str  # the embedding name, used as [name] in prompts
+    vectors_per_token: int = 1
+    initialization_text: str = "*"  # tokenised; its vectors repeated/truncated to fit vectors_per_token
+    learning_rate: str = "0.005"  # webui schedule syntax
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000  # optimizer steps (the webui's step)
+    template: str = "subject_filewords"
+    seed: int = 0
+    clip_skip: int = 1
+    save_every: int = 0  # write a checkpoint embedding every N steps (0 = only the final one)
+    shuffle_tags: bool = False
+    tag_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not _NAME_PATTERN.fullmatch(self.name):
+            raise ValueError(f"embedding name {self.name!r}: use one word without spaces or any of , ( ) [ ] {{ }} :")
+        limits = {
+            "vectors_per_token": (self.vectors_per_token, 1, 75),
+            "batch_size": (self.batch_size, 1, None),
+            "gradient_accumulation_steps": (self.gradient_accumulation_steps, 1, None),
+            "max_steps": (self.max_steps, 1, None),
+            "clip_skip": (self.clip_skip, 1, None),
+            "save_every": (self.save_every, 0, None),
+        }
+        for key, (value, low, high) in limits.items():
+            if value < low or (high is not None and value > high):
+                bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+                raise ValueError(f"{key} must be {bound}, got {value}")
+        if not 0.0 <= self.tag_dropout < 1.0:
+            raise ValueError(f"tag_dropout must be in [0, 1), got {self.tag_dropout}")
+        parse_schedule(self.learning_rate, self.max_steps)
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    image_path: Path  # a prepared square image (already at the training resolution)
+    filewords: str  # the caption; substituted for [filewords]
+
+
+@dataclass
+class TrainingResult:
+    vectors: torch.Tensor  # (n_vectors, hidden) float32 on CPU
+    steps: int
+    losses: list[float]  # one per optimizer step (mean over its micro-batches)
+    files: dict[str, Path] = field(default_factory=dict)  # "webui_pt", "diffusers", "loss_csv", "loss_png", checkpoints
+
+
+def load_training_image(path: Path, multiple: int) -> torch.Tensor:
+    """(3, S, S) in [-1, 1], the VAE's input range; bad files fail here with the file named."""
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"{path}: cannot read the training image ({error})") from error
+    if rgb.width != rgb.height or rgb.width % multiple:
+        raise ValueError(f"{path}: training images must be square with a side divisible by {multiple}, got {rgb.size}")
+    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)
+    return pixels / 127.5 - 1.0
+
+
+@torch.no_grad()
+def encode_latents(base: BaseModel, examples: Sequence[TrainingExample], generator: torch.Generator) -> torch.Tensor:
+    """The webui's "once" latent sampling: one draw from each image's latent distribution, reused every epoch."""
+    side = None
+    latents = []
+    for start in range(0, len(examples), _LATENT_BATCH):
+        chunk = examples[start : start + _LATENT_BATCH]
+        images = [load_training_image(Path(example.image_path), base.vae_scale_factor) for example in chunk]
+        for example, image in zip(chunk, images):
+            side = side or image.shape[-1]
+            if image.shape[-1] != side:
+                raise ValueError(f"{example.image_path}: all training images must be {side}x{side}, got {image.shape[-1]}")
+        pixels = torch.stack(images).to(device=base.device, dtype=base.dtype)
+        distribution = base.vae.encode(pixels).latent_dist
+        latents.append(distribution.sample(generator=generator) * base.vae.config.scaling_factor)
+    return torch.cat(latents)
+
+
+def caption_for_step(filewords: str, settings: TextualInversionSettings, generator: torch.Generator) -> str:
+    """Tag dropout and shuffling, the webui's caption augmentation, with our generator instead of `random`."""
+    if not settings.shuffle_tags and settings.tag_dropout == 0:
+        return filewords
+    tags = [tag.strip() for tag in filewords.split(",") if tag.strip()]
+    if settings.tag_dropout > 0:
+        keep = torch.rand(len(tags), generator=generator) >= settings.tag_dropout
+        tags = [tag for tag, kept in zip(tags, keep.tolist()) if kept]
+    if settings.shuffle_tags:
+        tags = [tags[i] for i in torch.randperm(len(tags), generator=generator).tolist()]
+    return ", ".join(tags)
+
+
+def sample_batches(n_examples: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Epochs of shuffled indices cut into full batches; an epoch's remainder is dropped, as the webui does."""
+    while True:
+        order = torch.randperm(n_examples, generator=generator).tolist()
+        for start in range(0, n_examples - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+def training_template(settings: TextualInversionSettings) -> list[str]:
+    lines = load_template(settings.template)
+    if not any(NAME_KEYWORD in line for line in lines):
+        raise ValueError(f"prompt template {settings.template!r} has no {NAME_KEYWORD} line, so nothing would train the embedding")
+    return lines
+
+
+def check_prompts_fit(base: BaseModel, examples: Sequence[TrainingExample], lines: list[str], settings: TextualInversionSettings) -> None:
+    """Fail before training, naming the image, if some prompt would lose the embedding to truncation or tokenization."""
+    name_lines = [line for line in lines if NAME_KEYWORD in line]
+    for example in examples:
+        prompts = [render_prompt(line, settings.name, example.filewords) for line in name_lines]
+        try:
+            tokens = tokenize_with_placeholder(base.tokenizer, prompts, settings.name, settings.vectors_per_token)
+        except ValueError as error:
+            raise ValueError(f"{example.image_path}: {error}") from error
+        missing = [prompt for prompt, row in zip(prompts, tokens.slots) if not (row >= 0).any()]
+        if missing:
+            raise ValueError(
+                f"{example.image_path}: the name {settings.name!r} tokenizes differently inside the prompt "
+                f"{missing[0]!r}, so the embedding would never be used; choose a name ending in a letter or digit"
+            )
+
+
+def _autocast(base: BaseModel) -> contextlib.AbstractContextManager:
+    """Mixed precision only where it is meant to run: half weights on CUDA. Elsewhere compute in base.dtype."""
+    if base.device.type == "cuda" and base.dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(device_type=base.device.type, dtype=base.dtype)
+    return contextlib.nullcontext()
+
+
+def _diffusion_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if prediction_type == "sample":
+        return latents
+    raise ValueError(f"unsupported prediction_type {prediction_type!r} in the base model's scheduler (expected {_PREDICTION_TYPES})")
+
+
+@dataclass
+class _Trainer:
+    """The state one training run threads through its steps."""
+
+    base: BaseModel
+    settings: TextualInversionSettings
+    lines: list[str]
+    examples: Sequence[TrainingExample]
+    latents: torch.Tensor
+    scheduler: DDPMScheduler
+    vectors: torch.nn.Parameter
+    generator: torch.Generator
+    batches: Iterator[list[int]]
+
+    def prompts_for(self, indices: list[int]) -> PlaceholderPrompts:
+        prompts = []
+        for index in indices:
+            line = self.lines[int(torch.randint(len(self.lines), (1,), generator=self.generator))]
+            caption = caption_for_step(self.examples[index].filewords, self.settings, self.generator)
+            prompts.append(render_prompt(line, self.settings.name, caption))
+        return tokenize_with_placeholder(self.base.tokenizer, prompts, self.settings.name, self.settings.vectors_per_token)
+
+    def micro_batch_loss(self, indices: list[int]) -> torch.Tensor:
+        latents = self.latents[indices]
+        noise = torch.randn(latents.shape, generator=self.generator).to(device=latents.device, dtype=latents.dtype)
+        timesteps = torch.randint(self.scheduler.config.num_train_timesteps, (len(indices),), generator=self.generator)
+        timesteps = timesteps.to(latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        target = _diffusion_target(self.scheduler, latents, noise, timesteps)
+        prompts = self.prompts_for(indices)
+        with _autocast(self.base):
+            conditioning = encode_prompts(self.base.text_encoder, prompts, self.vectors, self.settings.clip_skip)
+            prediction = self.base.unet(noisy, timesteps, encoder_hidden_states=conditioning).sample
+        return F.mse_loss(prediction.float(), target.float())
+
+
+def _diverged(step: int, what: str, rate: float) -> TrainingDivergedError:
+    return TrainingDivergedError(
+        f"textual inversion diverged at step {step}: {what}. Nothing from this step on was saved. "
+        f"Try a lower learning rate (this step used {rate:g}), check the training images, "
+        "or train in float32 if the model runs in half precision."
+    )
+
+
+def _freeze(base: BaseModel) -> None:
+    """Restate load_base_model's contract on the shared model: eval mode, no parameter collects gradients.
+
+    Needed because other users of the same BaseModel may have swapped modules (diffusers'
+    load/unload_textual_inversion replaces the token table with a fresh trainable one).
+    """
+    for module in (base.text_encoder, base.vae, base.unet):
+        module.requires_grad_(False)
+        module.eval()
+
+
+def _save_embedding_pair(base: BaseModel, settings: TextualInversionSettings, vectors: torch.Tensor, step: int, pt_path: Path, safetensors_path: Path) -> None:
+    save_webui_pt(pt_path, settings.name, vectors, step, base.short_hash, base.name)
+    save_diffusers_embedding(safetensors_path, settings.name, vectors, step=step)
+
+
+def write_loss_csv(path: Path, losses: list[float], rates: list[float]) -> Path:
+    rows = [f"{step},{loss!r},{rate!r}" for step, (loss, rate) in enumerate(zip(losses, rates), start=1)]
+    return write_text(path, "\n".join(["step,loss,learning_rate", *rows]) + "\n")
+
+
+def _start(base: BaseModel, examples: Sequence[TrainingExample], settings: TextualInversionSettings) -> _Trainer:
+    if not examples:
+        raise ValueError("textual inversion needs at least one training example")
+    if settings.batch_size > len(examples):
+        raise ValueError(f"batch_size {settings.batch_size} is larger than the {len(examples)} training examples")
+    check_clip_skip(base.text_encoder, settings.clip_skip)
+    lines = training_template(settings)
+    check_prompts_fit(base, examples, lines, settings)
+    _freeze(base)
+    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+    latents = encode_latents(base, examples, generator)
+    start = initial_vectors(base.tokenizer, base.text_encoder, settings.initialization_text, settings.vectors_per_token)
+    return _Trainer(
+        base=base,
+        settings=settings,
+        lines=lines,
+        examples=examples,
+        latents=latents,
+        scheduler=DDPMScheduler.from_config(base.scheduler_config),
+        vectors=torch.nn.Parameter(start.to(base.device)),
+        generator=generator,
+        batches=sample_batches(len(examples), settings.batch_size, generator),
+    )
+
+
+def _optimizer_step(trainer: _Trainer, optimizer: torch.optim.Optimizer, step: int, rate: float) -> float:
+    """One webui step: accumulate gradients over the micro-batches, then update; returns their mean loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = rate
+    optimizer.zero_grad(set_to_none=True)
+    micro_batches = trainer.settings.gradient_accumulation_steps
+    total = 0.0
+    for _ in range(micro_batches):
+        loss = trainer.micro_batch_loss(next(trainer.batches))
+        if not torch.isfinite(loss):
+            raise _diverged(step, f"the loss is {loss.item()}", rate)
+        (loss / micro_batches).backward()
+        total += loss.item()
+    optimizer.step()
+    if not torch.isfinite(trainer.vectors).all():
+        raise _diverged(step, "the embedding vectors became NaN/inf", rate)
+    return total / micro_batches
+
+
+def train_textual_inversion(
+    base: BaseModel,
+    examples: Sequence[TrainingExample],
+    settings: TextualInversionSettings,
+    out_dir: Path,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainingResult:
+    """Train, writing `<name>.pt`, `learned_embeds.safetensors`, `loss.csv`, `loss.png` (and checkpoints) atomically.
+
+    Runs until the learning-rate schedule ends (max_steps, or earlier if the schedule says so, as in the webui).
+    """
+    out_dir = Path(out_dir)
+    schedule = parse_schedule(settings.learning_rate, settings.max_steps)
+    trainer = _start(base, examples, settings)
+    optimizer = torch.optim.AdamW([trainer.vectors], lr=schedule.rate_at(1), weight_decay=0.0)
+    files: dict[str, Path] = {}
+    losses: list[float] = []
+    rates: list[float] = []
+    with torch.enable_grad():
+        for step in range(1, schedule.end_step + 1):
+            rate = schedule.rate_at(step)
+            losses.append(_optimizer_step(trainer, optimizer, step, rate))
+            rates.append(rate)
+            if settings.save_every and step % settings.save_every == 0:
+                stem = out_dir / "checkpoints" / f"{settings.name}-{step}"
+                _save_embedding_pair(base, settings, trainer.vectors, step, stem.with_suffix(".pt"), stem.with_suffix(".safetensors"))
+                files[f"checkpoint_{step}_webui_pt"] = stem.with_suffix(".pt")
+                files[f"checkpoint_{step}_diffusers"] = stem.with_suffix(".safetensors")
+            if progress is not None:
+                progress(step, losses[-1])
+    vectors = trainer.vectors.detach().to(device="cpu", dtype=torch.float32).clone()
+    steps = schedule.end_step
+    files["webui_pt"] = out_dir / f"{settings.name}.pt"
+    files["diffusers"] = out_dir / "learned_embeds.safetensors"
+    _save_embedding_pair(base, settings, vectors, steps, files["webui_pt"], files["diffusers"])
+    files["loss_csv"] = write_loss_csv(out_dir / "loss.csv", losses, rates)
+    files["loss_png"] = plot_loss(files["loss_csv"], out_dir / "loss.png", f"textual inversion: {settings.name}")
+    return TrainingResult(vectors=vectors, steps=steps, losses=losses, files=files)
