@@ -1,6 +1,5 @@
 """`evaluation_grid`: images generated with the trained embedding, prompts x seeds, in one labelled grid."""
 
-from __future__ import annotations
 
 from pathlib import Path
 

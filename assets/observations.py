@@ -4,7 +4,6 @@ Their data versions drive staleness: a stage is unsynced exactly when one of the
 depends on (or an upstream output) has a new data version.
 """
 
-from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path

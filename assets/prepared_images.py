@@ -1,6 +1,5 @@
 """`prepared_images`: the raw images decoded safely, cropped and resized into the training set."""
 
-from __future__ import annotations
 
 import pandas as pd
 from dagster import (

@@ -1,6 +1,5 @@
 """`tag_scores`: every tag's score for every prepared image, from the configured tagger."""
 
-from __future__ import annotations
 
 import pandas as pd
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset

@@ -3,7 +3,6 @@
 This is the step users iterate on (threshold, blacklist, ordering), so it never runs a model.
 """
 
-from __future__ import annotations
 
 from pathlib import Path
 

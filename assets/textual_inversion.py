@@ -1,6 +1,5 @@
 """`textual_inversion`: an embedding trained on the prepared images and their captions."""
 
-from __future__ import annotations
 
 import json
 import math

@@ -27,7 +27,8 @@ def bytes_sha256(data: bytes) -> str:
 def json_sha256(value: Any) -> str:
     """Hash of a JSON-able value with sorted keys, so equal settings give equal hashes."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return bytes_sha256(text.encode("utf-8"))
+    # surrogateescape: a Linux file name that is not valid UTF-8 still hashes (stably) instead of crashing.
+    return bytes_sha256(text.encode("utf-8", "surrogateescape"))
 
 
 def tree_sha256(paths: list[Path], root: Path) -> str:

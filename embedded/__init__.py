@@ -8,10 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from embedded.demo_dataset import build_demo_dataset
-from embedded.tiny_sd import build_tiny_sd
-from embedded.tiny_wd14 import build_tiny_wd14
-
 TINY_SD = "models/tiny-sd"
 TINY_WD14 = "models/tiny-wd14"
 DEMO_DATASET = "datasets/demo"
@@ -19,6 +15,11 @@ DEMO_DATASET = "datasets/demo"
 
 def build_missing(root: Path) -> dict[str, Path]:
     """Build whichever of the tiny SD model, the tiny tagger and the demo dataset is not there yet."""
+    # Imported here so that importing one builder does not pull in torch, diffusers and onnx for all.
+    from embedded.demo_dataset import build_demo_dataset
+    from embedded.tiny_sd import build_tiny_sd
+    from embedded.tiny_wd14 import build_tiny_wd14
+
     builders = {TINY_SD: build_tiny_sd, TINY_WD14: build_tiny_wd14, DEMO_DATASET: build_demo_dataset}
     built = {}
     for relative, build in builders.items():

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import os
 
-from dagster import AssetSelection, AutomationConditionSensorDefinition, DefaultSensorStatus, Definitions
+from dagster import (
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+    Definitions,
+    map_asset_specs,
+)
 
-from assets import all_assets
+from assets import computed_assets, observed_assets
 from pipelines.automation import NIGHTLY_CRON, nightly_when_unsynced, on_change
 from pipelines.jobs import all_jobs
 from pipelines.sensors import dataset_sensor
@@ -58,11 +64,11 @@ automation_sensor = AutomationConditionSensorDefinition(
 def build_definitions(resources: dict[str, object] | None = None) -> Definitions:
     """The project's definitions; tests pass their own resources (temporary folders, tiny models)."""
     return Definitions(
-        assets=all_assets,
+        assets=[*observed_assets, *map_asset_specs(_with_automation, computed_assets)],
         jobs=all_jobs,
         sensors=[dataset_sensor, automation_sensor],
         resources=resources if resources is not None else resources_from_env(),
-    ).map_asset_specs(func=_with_automation)
+    )
 
 
 defs = build_definitions()

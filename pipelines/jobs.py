@@ -9,7 +9,7 @@ from assets.partitions import datasets_partitions
 
 observe_job = define_asset_job(
     "observe_datasets",
-    selection=AssetSelection.assets(*observed_assets),
+    selection=AssetSelection.assets(*(asset.key for asset in observed_assets)),
     description="Record the current data versions of every dataset's images and settings sections.",
 )
 prepare_job = define_asset_job(

@@ -1,6 +1,5 @@
 """The dataset sensor: new folders become partitions, and edits to images or settings are observed."""
 
-from __future__ import annotations
 
 import json
 

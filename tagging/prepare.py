@@ -34,6 +34,7 @@ FLIP_SUFFIX = "__flip"
 _UNSAFE_CHARACTERS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 # Keep flat names well under the usual 255-byte limit, leaving room for the hash and flip suffixes.
 _MAX_STEM_BYTES = 160
+_NOT_UTF8 = "file name is not valid UTF-8 (rename the file)"
 
 
 @dataclass(frozen=True)
@@ -80,15 +81,32 @@ def prepare_images(
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = list_images(src_dir)
     relatives = [path.relative_to(src_dir).as_posix() for path in sources]
-    stems = _output_stems(relatives, flip=options.flip)
+    stems = _output_stems([relative for relative in relatives if _is_utf8(relative)], flip=options.flip)
     fingerprint = options.fingerprint()
     reusable = _reusable_rows(previous, fingerprint)
     rows: list[dict] = []
     for path, relative in zip(sources, relatives):
+        if relative not in stems:
+            rows.append(_skipped_row({"source": _printable(relative), "options": fingerprint}, None, _NOT_UTF8))
+            continue
         rows.extend(_prepare_one(path, relative, stems[relative], out_dir, options, fingerprint, reusable))
     manifest = _manifest_frame(rows)
     _remove_stale_outputs(out_dir, keep=set(manifest["output"].dropna()))
     return manifest
+
+
+def _is_utf8(relative: str) -> bool:
+    """Linux names are bytes; one that is not UTF-8 reaches Python with surrogate escapes, which neither the
+    manifest (Parquet strings) nor an output name can hold, so such a source is skipped with a reason."""
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(relative: str) -> str:
+    return relative.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _refuse_overlap(src_dir: Path, out_dir: Path) -> None:

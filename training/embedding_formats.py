@@ -72,8 +72,12 @@ def save_webui_pt(
 def save_diffusers_embedding(
     path: str | os.PathLike[str], name: str, vectors: torch.Tensor, *, step: int | None = None
 ) -> Path:
-    """`{name: vectors}` as diffusers writes `learned_embeds.safetensors`; the step rides in the metadata."""
-    metadata = {"name": name} if step is None else {"name": name, "step": str(int(step))}
+    """`{name: vectors}` as diffusers writes `learned_embeds.safetensors`; the step rides in the metadata.
+
+    One metadata key at most: safetensors writes metadata in hash-map order, so two keys would make
+    the bytes differ from run to run.
+    """
+    metadata = None if step is None else {"step": str(int(step))}
     data = safetensors.torch.save({name: _portable_vectors(vectors, name)}, metadata=metadata)
     return write_bytes(path, data)
 
@@ -101,7 +105,7 @@ def _read_safetensors(path: Path) -> EmbeddingFile:
         raise EmbeddingFileError(f"{path}: not a readable safetensors file ({error})") from error
     step = int(metadata["step"]) if metadata.get("step", "").isdigit() else None
     if keys == [KOHYA_KEY]:
-        return EmbeddingFile(name=metadata.get("name", path.stem), vectors=_checked_vectors(path, tensors[KOHYA_KEY]), step=step)
+        return EmbeddingFile(name=path.stem, vectors=_checked_vectors(path, tensors[KOHYA_KEY]), step=step)
     if len(keys) == 1:
         return EmbeddingFile(name=keys[0], vectors=_checked_vectors(path, tensors[keys[0]]), step=step)
     if {"clip_l", "clip_g"} <= set(keys):

@@ -82,7 +82,13 @@ def prompt_embeddings(pipeline: StableDiffusionPipeline, prompt: str, clip_skip:
 
 
 def render_cell(
-    pipeline: StableDiffusionPipeline, prompt: str, negative_prompt: str, seed: int, steps: int, cfg_scale: float, clip_skip: int
+    pipeline: StableDiffusionPipeline,
+    prompt: str,
+    negative_prompt: str,
+    seed: int,
+    steps: int,
+    cfg_scale: float,
+    clip_skip: int,
 ) -> Image.Image:
     generator = torch.Generator(device="cpu").manual_seed(seed)
     result = pipeline(
@@ -116,18 +122,21 @@ def _wrap(text: str, font: ImageFont.FreeTypeFont, width: int, max_lines: int) -
     return lines
 
 
-def draw_grid(cells: list[list[Image.Image]], prompts: Sequence[str], seeds: Sequence[int], title: str, cell_size: int) -> Image.Image:
+def draw_grid(
+    cells: list[list[Image.Image]], prompts: Sequence[str], seeds: Sequence[int], title: str, cell_size: int
+) -> Image.Image:
     """A row per prompt (text at the left), a column per seed (label on top), a title line above all."""
     font = ImageFont.load_default(size=FONT_SIZE)
     line_height = FONT_SIZE + 4
     top = MARGIN + line_height + MARGIN + line_height
-    width = PROMPT_COLUMN_WIDTH + len(seeds) * (cell_size + MARGIN) + MARGIN
+    width = max(PROMPT_COLUMN_WIDTH + len(seeds) * (cell_size + MARGIN), MARGIN + int(font.getlength(title))) + MARGIN
     height = top + len(prompts) * (cell_size + MARGIN) + MARGIN
     grid = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(grid)
     draw.text((MARGIN, MARGIN), title, fill=INK, font=font)
     for column, seed in enumerate(seeds):
-        draw.text((PROMPT_COLUMN_WIDTH + column * (cell_size + MARGIN), top - line_height), f"seed {seed}", fill=INK, font=font)
+        x = PROMPT_COLUMN_WIDTH + column * (cell_size + MARGIN)
+        draw.text((x, top - line_height), f"seed {seed}", fill=INK, font=font)
     max_lines = max(1, cell_size // line_height)
     for row, (prompt, images) in enumerate(zip(prompts, cells)):
         y = top + row * (cell_size + MARGIN)
@@ -143,13 +152,15 @@ def _save_png(image: Image.Image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
-def _check_request(out_path: Path, prompts: Sequence[str], seeds: Sequence[int], steps: int) -> None:
+def _check_request(out_path: Path, prompts: Sequence[str], seeds: Sequence[int], steps: int, cell_size: int | None) -> None:
     if "grid" not in out_path.name:
         raise ValueError(f"{out_path}: an evaluation grid's file name must contain 'grid'")
     if not prompts or not seeds:
         raise ValueError("an evaluation grid needs at least one prompt and one seed")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    if cell_size is not None and cell_size < 1:
+        raise ValueError(f"cell_size must be at least 1, got {cell_size}")
 
 
 def render_grid(
@@ -172,23 +183,29 @@ def render_grid(
     come back as they were and can be reused for the next checkpoint.
     """
     embedding_path, out_path = Path(embedding_path), Path(out_path)
-    _check_request(out_path, prompts, seeds, steps)
+    _check_request(out_path, prompts, seeds, steps, cell_size)
     check_clip_skip(pipeline.text_encoder, clip_skip)
     embedding = read_embedding(embedding_path)
     hidden = pipeline.text_encoder.get_input_embeddings().embedding_dim
     if embedding.vectors.shape[1] != hidden:
-        raise ValueError(f"{embedding_path}: vectors of size {embedding.vectors.shape[1]} do not fit this model's text encoder ({hidden})")
+        raise ValueError(
+            f"{embedding_path}: vectors of size {embedding.vectors.shape[1]} do not fit this model's text encoder ({hidden})"
+        )
     rendered = [render_prompt(prompt, name, "") for prompt in prompts]
     pipeline.load_textual_inversion(os.fspath(embedding_path), token=name)
     try:
-        cells = [[render_cell(pipeline, prompt, negative_prompt, seed, steps, cfg_scale, clip_skip) for seed in seeds] for prompt in rendered]
+        cells = [
+            [render_cell(pipeline, prompt, negative_prompt, seed, steps, cfg_scale, clip_skip) for seed in seeds]
+            for prompt in rendered
+        ]
     finally:
         pipeline.unload_textual_inversion(embedding_tokens(name, embedding.vectors.shape[0]))
         pipeline.text_encoder.requires_grad_(False)  # unloading installs a fresh, trainable token table
     side = cells[0][0].width
     size = cell_size or max(side, MIN_CELL_SIZE)
     step = f" (step {embedding.step})" if embedding.step is not None else ""
-    title = f"{name}{step} - {embedding_path.name} - {type(pipeline.scheduler).__name__}, {steps} steps, CFG {cfg_scale:g}, clip skip {clip_skip}"
+    sampling = f"{type(pipeline.scheduler).__name__}, {steps} steps, CFG {cfg_scale:g}, clip skip {clip_skip}"
+    title = f"{name}{step} - {embedding_path.name} - {sampling}"
     cells_dir = out_path.parent / f"{out_path.stem}_cells"
     for row, images in enumerate(cells):
         for seed, image in zip(seeds, images):

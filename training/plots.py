@@ -27,7 +27,10 @@ def _read_losses(csv_or_losses: str | os.PathLike[str] | Sequence[float]) -> tup
             raise ValueError(f"{path}: cannot read the loss table ({error})") from error
         if not {"step", "loss"} <= set(frame.columns):
             raise ValueError(f"{path}: the loss table needs 'step' and 'loss' columns, found {list(frame.columns)}")
-        return frame["step"].to_numpy(dtype=float), frame["loss"].to_numpy(dtype=float)
+        try:
+            return frame["step"].to_numpy(dtype=float), frame["loss"].to_numpy(dtype=float)
+        except ValueError as error:
+            raise ValueError(f"{path}: the loss table's step and loss columns must be numbers ({error})") from error
     losses = np.asarray(list(csv_or_losses), dtype=float)
     return np.arange(1, len(losses) + 1, dtype=float), losses
 

@@ -26,6 +26,7 @@ from training.embedding_formats import save_diffusers_embedding, save_webui_pt
 from training.lr_schedule import parse_schedule
 from training.plots import plot_loss
 from training.prompt_encoding import (
+    NO_SLOT,
     PlaceholderPrompts,
     check_clip_skip,
     encode_prompts,
@@ -36,7 +37,6 @@ from training.templates import NAME_KEYWORD, load_template, render_prompt
 
 # Prompt syntax the webui gives meaning to (emphasis, weights, tag separators) cannot be part of a name.
 _NAME_PATTERN = re.compile(r"[^\s,()\[\]{}:]+")
-_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _LATENT_BATCH = 4
 
 
@@ -99,7 +99,7 @@ def load_training_image(path: Path, multiple: int) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             rgb = image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
         raise ValueError(f"{path}: cannot read the training image ({error})") from error
     if rgb.width != rgb.height or rgb.width % multiple:
         raise ValueError(f"{path}: training images must be square with a side divisible by {multiple}, got {rgb.size}")
@@ -149,11 +149,15 @@ def sample_batches(n_examples: int, batch_size: int, generator: torch.Generator)
 def training_template(settings: TextualInversionSettings) -> list[str]:
     lines = load_template(settings.template)
     if not any(NAME_KEYWORD in line for line in lines):
-        raise ValueError(f"prompt template {settings.template!r} has no {NAME_KEYWORD} line, so nothing would train the embedding")
+        raise ValueError(
+            f"prompt template {settings.template!r} has no {NAME_KEYWORD} line, so nothing would train the embedding"
+        )
     return lines
 
 
-def check_prompts_fit(base: BaseModel, examples: Sequence[TrainingExample], lines: list[str], settings: TextualInversionSettings) -> None:
+def check_prompts_fit(
+    base: BaseModel, examples: Sequence[TrainingExample], lines: list[str], settings: TextualInversionSettings
+) -> None:
     """Fail before training, naming the image, if some prompt would lose the embedding to truncation or tokenization."""
     name_lines = [line for line in lines if NAME_KEYWORD in line]
     for example in examples:
@@ -162,7 +166,7 @@ def check_prompts_fit(base: BaseModel, examples: Sequence[TrainingExample], line
             tokens = tokenize_with_placeholder(base.tokenizer, prompts, settings.name, settings.vectors_per_token)
         except ValueError as error:
             raise ValueError(f"{example.image_path}: {error}") from error
-        missing = [prompt for prompt, row in zip(prompts, tokens.slots) if not (row >= 0).any()]
+        missing = [prompt for prompt, row in zip(prompts, tokens.slots) if not (row != NO_SLOT).any()]
         if missing:
             raise ValueError(
                 f"{example.image_path}: the name {settings.name!r} tokenizes differently inside the prompt "
@@ -170,22 +174,34 @@ def check_prompts_fit(base: BaseModel, examples: Sequence[TrainingExample], line
             )
 
 
+def uses_mixed_precision(base: BaseModel) -> bool:
+    """Half weights on CUDA: autocast plus a gradient scaler, as the webui trains. Elsewhere compute in base.dtype."""
+    return base.device.type == "cuda" and base.dtype in (torch.float16, torch.bfloat16)
+
+
 def _autocast(base: BaseModel) -> contextlib.AbstractContextManager:
-    """Mixed precision only where it is meant to run: half weights on CUDA. Elsewhere compute in base.dtype."""
-    if base.device.type == "cuda" and base.dtype in (torch.float16, torch.bfloat16):
+    if uses_mixed_precision(base):
         return torch.autocast(device_type=base.device.type, dtype=base.dtype)
     return contextlib.nullcontext()
 
 
-def _diffusion_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    if prediction_type == "sample":
-        return latents
-    raise ValueError(f"unsupported prediction_type {prediction_type!r} in the base model's scheduler (expected {_PREDICTION_TYPES})")
+# What the UNet learned to predict, by the scheduler's prediction_type: (scheduler, latents, noise, timesteps) -> target.
+_TARGETS: dict[str, Callable[[DDPMScheduler, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "epsilon": lambda scheduler, latents, noise, timesteps: noise,
+    "v_prediction": lambda scheduler, latents, noise, timesteps: scheduler.get_velocity(latents, noise, timesteps),
+    "sample": lambda scheduler, latents, noise, timesteps: latents,
+}
+
+
+def noise_scheduler(base: BaseModel) -> DDPMScheduler:
+    """The training noise schedule of the base model (SD's own config, read as DDPM)."""
+    scheduler = DDPMScheduler.from_config(base.scheduler_config)
+    if scheduler.config.prediction_type not in _TARGETS:
+        raise ValueError(
+            f"{base.source}: unsupported prediction_type {scheduler.config.prediction_type!r} "
+            f"(expected one of {', '.join(_TARGETS)})"
+        )
+    return scheduler
 
 
 @dataclass
@@ -216,7 +232,7 @@ class _Trainer:
         timesteps = torch.randint(self.scheduler.config.num_train_timesteps, (len(indices),), generator=self.generator)
         timesteps = timesteps.to(latents.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        target = _diffusion_target(self.scheduler, latents, noise, timesteps)
+        target = _TARGETS[self.scheduler.config.prediction_type](self.scheduler, latents, noise, timesteps)
         prompts = self.prompts_for(indices)
         with _autocast(self.base):
             conditioning = encode_prompts(self.base.text_encoder, prompts, self.vectors, self.settings.clip_skip)
@@ -243,13 +259,20 @@ def _freeze(base: BaseModel) -> None:
         module.eval()
 
 
-def _save_embedding_pair(base: BaseModel, settings: TextualInversionSettings, vectors: torch.Tensor, step: int, pt_path: Path, safetensors_path: Path) -> None:
+def _save_embedding_pair(
+    base: BaseModel,
+    settings: TextualInversionSettings,
+    vectors: torch.Tensor,
+    step: int,
+    pt_path: Path,
+    safetensors_path: Path,
+) -> None:
     save_webui_pt(pt_path, settings.name, vectors, step, base.short_hash, base.name)
     save_diffusers_embedding(safetensors_path, settings.name, vectors, step=step)
 
 
 def write_loss_csv(path: Path, losses: list[float], rates: list[float]) -> Path:
-    rows = [f"{step},{loss!r},{rate!r}" for step, (loss, rate) in enumerate(zip(losses, rates), start=1)]
+    rows = [f"{step},{float(loss)!r},{float(rate)!r}" for step, (loss, rate) in enumerate(zip(losses, rates), start=1)]
     return write_text(path, "\n".join(["step,loss,learning_rate", *rows]) + "\n")
 
 
@@ -259,6 +282,7 @@ def _start(base: BaseModel, examples: Sequence[TrainingExample], settings: Textu
     if settings.batch_size > len(examples):
         raise ValueError(f"batch_size {settings.batch_size} is larger than the {len(examples)} training examples")
     check_clip_skip(base.text_encoder, settings.clip_skip)
+    scheduler = noise_scheduler(base)
     lines = training_template(settings)
     check_prompts_fit(base, examples, lines, settings)
     _freeze(base)
@@ -271,15 +295,20 @@ def _start(base: BaseModel, examples: Sequence[TrainingExample], settings: Textu
         lines=lines,
         examples=examples,
         latents=latents,
-        scheduler=DDPMScheduler.from_config(base.scheduler_config),
+        scheduler=scheduler,
         vectors=torch.nn.Parameter(start.to(base.device)),
         generator=generator,
         batches=sample_batches(len(examples), settings.batch_size, generator),
     )
 
 
-def _optimizer_step(trainer: _Trainer, optimizer: torch.optim.Optimizer, step: int, rate: float) -> float:
-    """One webui step: accumulate gradients over the micro-batches, then update; returns their mean loss."""
+def _optimizer_step(
+    trainer: _Trainer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, step: int, rate: float
+) -> float:
+    """One webui step: accumulate gradients over the micro-batches, then update; returns their mean loss.
+
+    The scaler keeps half-precision gradients from underflowing; when disabled it is a pass-through.
+    """
     for group in optimizer.param_groups:
         group["lr"] = rate
     optimizer.zero_grad(set_to_none=True)
@@ -289,9 +318,10 @@ def _optimizer_step(trainer: _Trainer, optimizer: torch.optim.Optimizer, step: i
         loss = trainer.micro_batch_loss(next(trainer.batches))
         if not torch.isfinite(loss):
             raise _diverged(step, f"the loss is {loss.item()}", rate)
-        (loss / micro_batches).backward()
+        scaler.scale(loss / micro_batches).backward()
         total += loss.item()
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     if not torch.isfinite(trainer.vectors).all():
         raise _diverged(step, "the embedding vectors became NaN/inf", rate)
     return total / micro_batches
@@ -312,19 +342,21 @@ def train_textual_inversion(
     schedule = parse_schedule(settings.learning_rate, settings.max_steps)
     trainer = _start(base, examples, settings)
     optimizer = torch.optim.AdamW([trainer.vectors], lr=schedule.rate_at(1), weight_decay=0.0)
+    scaler = torch.amp.GradScaler(base.device.type, enabled=uses_mixed_precision(base))
     files: dict[str, Path] = {}
     losses: list[float] = []
     rates: list[float] = []
     with torch.enable_grad():
         for step in range(1, schedule.end_step + 1):
             rate = schedule.rate_at(step)
-            losses.append(_optimizer_step(trainer, optimizer, step, rate))
+            losses.append(_optimizer_step(trainer, optimizer, scaler, step, rate))
             rates.append(rate)
             if settings.save_every and step % settings.save_every == 0:
                 stem = out_dir / "checkpoints" / f"{settings.name}-{step}"
-                _save_embedding_pair(base, settings, trainer.vectors, step, stem.with_suffix(".pt"), stem.with_suffix(".safetensors"))
-                files[f"checkpoint_{step}_webui_pt"] = stem.with_suffix(".pt")
-                files[f"checkpoint_{step}_diffusers"] = stem.with_suffix(".safetensors")
+                pt_path, safetensors_path = stem.with_suffix(".pt"), stem.with_suffix(".safetensors")
+                _save_embedding_pair(base, settings, trainer.vectors, step, pt_path, safetensors_path)
+                files[f"checkpoint_{step}_webui_pt"] = pt_path
+                files[f"checkpoint_{step}_diffusers"] = safetensors_path
             if progress is not None:
                 progress(step, losses[-1])
     vectors = trainer.vectors.detach().to(device="cpu", dtype=torch.float32).clone()

@@ -190,3 +190,19 @@ def test_contact_sheet_grid(tmp_path: Path, solid_image) -> None:
     assert contact_sheet(paths, columns=8, cell=10, max_images=3).size == (30, 10)
     with pytest.raises(ValueError):
         contact_sheet([])
+
+
+def test_non_utf8_file_name_is_skipped_not_a_crash(tmp_path: Path, solid_image) -> None:
+    src = tmp_path / "raw"
+    solid_image(src / "good.png")
+    try:
+        # A Linux file name is bytes; this one is not UTF-8 (as copied from an old Latin-1 archive).
+        solid_image(Path(os.fsdecode(os.fsencode(src) + b"/caf\xe9.png")))
+    except OSError:
+        pytest.skip("this file system only stores UTF-8 names")
+    manifest = prepare_images(src, tmp_path / "out", SMALL)
+    rows = manifest.set_index("source")
+    assert rows.loc["good.png", "status"] == "processed"
+    assert rows.loc["caf\\xe9.png", "status"] == "skipped"
+    assert rows.loc["caf\\xe9.png", "reason"] == "file name is not valid UTF-8 (rename the file)"
+    write_parquet(tmp_path / "manifest.parquet", manifest)  # the manifest must stay storable

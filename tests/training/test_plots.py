@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.plots import moving_average, plot_loss
+
+
+def test_moving_average_is_a_trailing_mean_over_what_exists() -> None:
+    values = np.array([1.0, 3.0, 5.0, 7.0])
+    np.testing.assert_allclose(moving_average(values, 2), [1.0, 2.0, 4.0, 6.0])
+    np.testing.assert_allclose(moving_average(values, 10), [1.0, 2.0, 3.0, 4.0])
+
+
+def test_plot_from_a_list_and_from_the_csv_are_the_same_png(tmp_path: Path) -> None:
+    losses = [1.0 / (step + 1) + 0.05 * float(np.sin(step)) for step in range(40)]
+    csv = tmp_path / "loss.csv"
+    csv.write_text("step,loss,learning_rate\n" + "".join(f"{i + 1},{loss!r},0.005\n" for i, loss in enumerate(losses)))
+    from_list = plot_loss(losses, tmp_path / "a.png", "mycat")
+    from_csv = plot_loss(csv, tmp_path / "b.png", "mycat")
+    assert from_list.read_bytes() == from_csv.read_bytes()
+    with Image.open(from_list) as image:
+        assert image.format == "PNG" and image.width > 300
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "loss.csv"]  # no temp files left
+
+
+def test_bad_loss_input_is_a_clear_error(tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="wrong.csv: the loss table needs 'step' and 'loss'"):
+        plot_loss(wrong, tmp_path / "out.png", "x")
+    text = tmp_path / "text.csv"
+    text.write_text("step,loss\n1,high\n")
+    with pytest.raises(ValueError, match="text.csv: the loss table's step and loss columns must be numbers"):
+        plot_loss(text, tmp_path / "out.png", "x")
+    with pytest.raises(ValueError, match="missing.csv: cannot read the loss table"):
+        plot_loss(tmp_path / "missing.csv", tmp_path / "out.png", "x")
+    with pytest.raises(ValueError, match="no loss values"):
+        plot_loss([], tmp_path / "out.png", "x")
+    assert not (tmp_path / "out.png").exists()
