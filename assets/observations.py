@@ -5,11 +5,13 @@ depends on (or an upstream output) has a new data version.
 """
 
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 from dagster import (
     AssetKey,
+    BetaWarning,
     AssetObservation,
     DataVersion,
     DataVersionsByPartition,
@@ -22,6 +24,9 @@ from assets.partitions import datasets_partitions, is_valid_dataset_name
 from common.hashing import tree_sha256
 from resources import ProjectPaths
 from tagging.images import list_images
+
+# Partitioned observable source assets are the documented way to version external inputs; accepted as beta.
+warnings.filterwarnings("ignore", category=BetaWarning, message=".*observable_source_asset.*")
 
 DATA_VERSION_TAG = "dagster/data_version"  # the tag Dagster reads an observation's data version from
 SETTINGS_ASSETS = {section: f"{section}_settings" for section in SECTIONS}

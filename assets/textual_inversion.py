@@ -11,11 +11,13 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     DataVersion,
+    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 
+from assets.dataset_settings import TrainingSettings
 from assets.metadata import image_md, require_file, settings_for
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
@@ -37,6 +39,28 @@ def training_examples(paths: ProjectPaths, dataset: str) -> list[TrainingExample
     by_image = dict(zip(captions["image"], captions["caption"]))
     folder = paths.output_dir(dataset, PREPARED)
     return [TrainingExample(image_path=folder / name, filewords=by_image.get(name, "")) for name in manifest["output"]]
+
+
+def trainer_settings(training: TrainingSettings, dataset: str) -> TextualInversionSettings:
+    """The dataset.yaml training section in the trainer's terms; the embedding is named after the dataset by default."""
+    try:
+        return TextualInversionSettings(
+            name=training.embedding_name or dataset,
+            vectors_per_token=training.vectors_per_token,
+            initialization_text=training.initialization_text,
+            learning_rate=training.learning_rate,
+            batch_size=training.batch_size,
+            gradient_accumulation_steps=training.gradient_accumulation_steps,
+            max_steps=training.max_steps,
+            template=training.template,
+            seed=training.seed,
+            clip_skip=training.clip_skip,
+            save_every=training.save_embedding_every,
+            shuffle_tags=training.shuffle_tags,
+            tag_dropout=training.tag_drop_out,
+        )
+    except ValueError as error:
+        raise Failure(description=f"datasets/{dataset}/dataset.yaml, training section: {error}") from error
 
 
 def read_training_run(paths: ProjectPaths, dataset: str) -> dict:
@@ -63,22 +87,8 @@ def textual_inversion(
     examples = training_examples(paths, dataset)
     if not examples:
         raise ValueError(f"dataset {dataset!r} has no prepared images to train on")
-    name = training.embedding_name or dataset
-    settings = TextualInversionSettings(
-        name=name,
-        vectors_per_token=training.vectors_per_token,
-        initialization_text=training.initialization_text,
-        learning_rate=training.learning_rate,
-        batch_size=training.batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        max_steps=training.max_steps,
-        template=training.template,
-        seed=training.seed,
-        clip_skip=training.clip_skip,
-        save_every=training.save_embedding_every,
-        shuffle_tags=training.shuffle_tags,
-        tag_dropout=training.tag_drop_out,
-    )
+    settings = trainer_settings(training, dataset)
+    name = settings.name
     base = base_model.load(device)
     context.log.info(f"training {name!r} on {len(examples)} images, {base.source} on {base.device} ({base.dtype})")
     every = max(1, settings.max_steps // 10)

@@ -29,43 +29,45 @@ PALETTE = (
     (200, 40, 40), (240, 170, 200), (15, 15, 20), (240, 225, 90), (130, 80, 170), (40, 120, 200),
 )
 
-# ---------------------------------------------------------------------------------------------------------
-# LEAD: fill in the real settings. build_demo_dataset writes exactly this text as dataset.yaml.
-# ---------------------------------------------------------------------------------------------------------
 DEMO_DATASET_YAML = """\
-# PLACEHOLDER settings for the demo dataset (embedded/demo_dataset.py: DEMO_DATASET_YAML).
-# One section per stage: editing a section makes only that stage (and what follows it) stale.
+# The demo dataset: a small synthetic character ("pip") drawn by embedded/demo_dataset.py.
+# One section per stage: editing a section makes only that stage (and what reads its output) unsynced.
 
 preprocess:  # square crop, resize and flipped copies of the raw images
-  size: 64
+  size: 64            # the tiny demo model works at 64x64 (SD 1.5: 512)
   flip: true
   resample: lanczos
 
 tagging:  # which tagger scores the prepared images (the tagger resource points at the tiny WD14 model)
   tagger: wd14
-  batch_size: 8
+  batch_size: 16
 
-captions:  # thresholds and formatting that turn tag scores into captions
+captions:  # thresholds and formatting that turn tag scores into captions ([filewords])
   general_threshold: 0.35
   character_threshold: 0.85
   include_rating: false
   replace_underscores: true
   escape_brackets: true
   sort_alphabetically: false
-  exclude_tags: []
+  exclude_tags: ["pip_(demo)"]   # the concept being learned is [name], not a caption word
 
-training:  # textual inversion of the demo character
+training:  # textual inversion of the demo character, webui option names
   embedding_name: pip
   initialization_text: character
   vectors_per_token: 2
   learning_rate: "0.005"
+  batch_size: 8
+  gradient_accumulation_steps: 4
   max_steps: 100
+  template: subject_filewords
+  save_embedding_every: 50
 
-evaluation:  # checkpoints x prompts x seeds grid of the trained embedding
+evaluation:  # prompts x seeds grid of the trained embedding
   prompts:
-    - "a picture of [name]"
+    - "a photo of [name]"
     - "[name] on a white background"
-  seeds: [1, 2]
+  seeds: [1, 2, 3]
+  steps: 12
 """
 
 

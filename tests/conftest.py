@@ -22,8 +22,7 @@ def embedded_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture
-def project(tmp_path: Path, embedded_root: Path):
+def make_project(tmp_path: Path, embedded_root: Path):
     """A fresh datasets/ and data/ with a copy of the demo dataset, and Definitions that point at them."""
     from pipelines.definitions import build_definitions
     from resources import BaseModelResource, ProjectPaths, TaggerResource, TorchDevice
@@ -37,3 +36,8 @@ def project(tmp_path: Path, embedded_root: Path):
         "device": TorchDevice(device="cpu", precision="fp32"),
     }
     return build_definitions(resources), resources["paths"]
+
+
+@pytest.fixture
+def project(tmp_path: Path, embedded_root: Path):
+    return make_project(tmp_path, embedded_root)
