@@ -8,7 +8,6 @@ only with very few channels, and a CLIP BPE tokenizer whose vocab/merges files w
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+from training.clip_tokenizer_files import BOS, EOS, base_tokens, write_tokenizer_files
 
 # Words the tokenizer learns whole; everything else falls back to byte-level pieces, as in real CLIP.
 _CORPUS = """
@@ -31,27 +30,13 @@ theme rating general sensitive questionable explicit high quality masterpiece be
 """.split()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible byte -> printable-unicode table, so every byte has a base token."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
-
-
 def build_clip_bpe(words: list[str]) -> tuple[dict[str, int], list[str]]:
     """A real CLIP-format BPE vocabulary: 256 byte tokens, their word-final forms, one merge chain per word.
 
     Each word is merged left to right ("p h", "ph o", ...), with the last merge producing the word-final
     "</w>" token, which is how CLIP's tokenizer marks the end of a word.
     """
-    base = list(_bytes_to_unicode().values())
-    vocab_tokens = base + [b + "</w>" for b in base]
+    vocab_tokens = base_tokens()
     merges: list[str] = []
     known = set(vocab_tokens)
     for word in dict.fromkeys(words):
@@ -70,22 +55,7 @@ def build_clip_bpe(words: list[str]) -> tuple[dict[str, int], list[str]]:
 
 
 def write_tokenizer(folder: Path, words: list[str] = _CORPUS) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = build_clip_bpe(words)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    config = {
-        "model_max_length": 77,
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "unk_token": EOS,
-        "pad_token": EOS,
-        "do_lower_case": True,
-        "tokenizer_class": "CLIPTokenizer",
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+    write_tokenizer_files(folder, *build_clip_bpe(words))
 
 
 def _text_encoder(vocab_size: int, bos: int, eos: int) -> CLIPTextModel:

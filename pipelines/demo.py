@@ -16,6 +16,8 @@ from pipelines.definitions import defs
 from resources import PROJECT_ROOT
 
 DATASET = "demo"
+# Step-level DEBUG events stay in the instance (and the UI); the terminal gets the progress lines.
+QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 def main() -> int:
@@ -25,9 +27,9 @@ def main() -> int:
     if not instance.has_dynamic_partition(datasets_partitions.name, DATASET):
         instance.add_dynamic_partitions(datasets_partitions.name, [DATASET])
 
-    defs.resolve_job_def("observe_datasets").execute_in_process(instance=instance)
+    defs.resolve_job_def("observe_datasets").execute_in_process(instance=instance, run_config=QUIET)
     for job in ("prepare", "train"):
-        result = defs.resolve_job_def(job).execute_in_process(instance=instance, partition_key=DATASET)
+        result = defs.resolve_job_def(job).execute_in_process(instance=instance, partition_key=DATASET, run_config=QUIET)
         print(f"job {job} for dataset {DATASET!r}: {'succeeded' if result.success else 'FAILED'}")
 
     paths = defs.resources["paths"]

@@ -20,51 +20,24 @@ from __future__ import annotations
 import argparse
 import gzip
 import importlib.metadata
-import json
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `common` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common.atomic import write_text  # noqa: E402
+from training.clip_tokenizer_files import BOS, EOS, base_tokens, write_tokenizer_files  # noqa: E402
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "stable-diffusion-v1-5" / "tokenizer"
 BPE_DISTRIBUTION = "open_clip_torch"
 BPE_FILE = "open_clip/bpe_simple_vocab_16e6.txt.gz"
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's vocabulary is 49,408 tokens: 512 byte tokens + merges + 2 special tokens.
 VOCAB_SIZE = 49408
 MERGE_COUNT = VOCAB_SIZE - 2 * 256 - 2
-TOKENIZER_CONFIG = {
-    "add_prefix_space": False,
-    "bos_token": BOS,
-    "do_lower_case": True,
-    "eos_token": EOS,
-    "errors": "replace",
-    "model_max_length": 77,
-    "pad_token": EOS,
-    "tokenizer_class": "CLIPTokenizer",
-    "unk_token": EOS,
-}
-SPECIAL_TOKENS_MAP = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}
 
 
 class TokenizerBuildError(RuntimeError):
     """The BPE source file is missing or not the one CLIP was trained with."""
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table: every byte gets a visible base token."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(code) for code in codes)))
 
 
 def clip_vocab_and_merges(bpe_text: str) -> tuple[dict[str, int], list[str]]:
@@ -73,8 +46,7 @@ def clip_vocab_and_merges(bpe_text: str) -> tuple[dict[str, int], list[str]]:
     merges = lines[1 : MERGE_COUNT + 1]  # line 0 is a version header
     if len(merges) != MERGE_COUNT or any(len(merge.split()) != 2 for merge in merges):
         raise TokenizerBuildError(f"expected {MERGE_COUNT} merge lines of two symbols each after the header")
-    base = list(bytes_to_unicode().values())
-    tokens = base + [token + "</w>" for token in base] + ["".join(merge.split()) for merge in merges] + [BOS, EOS]
+    tokens = base_tokens() + ["".join(merge.split()) for merge in merges] + [BOS, EOS]
     vocab = {token: index for index, token in enumerate(tokens)}
     if len(vocab) != VOCAB_SIZE:
         raise TokenizerBuildError(f"derived {len(vocab)} distinct tokens, expected {VOCAB_SIZE}")
@@ -114,12 +86,7 @@ def build_clip_tokenizer(out_dir: Path = DEFAULT_OUT_DIR, *, bpe_path: Path | No
         vocab, merges = clip_vocab_and_merges(bpe_text)
     except TokenizerBuildError as error:
         raise TokenizerBuildError(f"{bpe_path}: {error}") from error
-    write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    write_text(out_dir / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
-    write_text(out_dir / "special_tokens_map.json", json.dumps(SPECIAL_TOKENS_MAP, indent=2) + "\n")
-    # Written last: `is_built` checks for it, so an interrupted build is redone on the next run.
-    write_text(out_dir / "tokenizer_config.json", json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
-    return out_dir
+    return write_tokenizer_files(out_dir, vocab, merges)
 
 
 def main(argv: list[str] | None = None) -> int:
