@@ -7,6 +7,7 @@ comment or an unrelated section changes nothing.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -28,12 +29,47 @@ class _Section(BaseModel):
 
 
 class PreprocessSettings(_Section):
-    size: int = Field(512, ge=8, le=4096, description="output side in pixels (webui: width/height)")
+    size: int = Field(512, ge=8, le=4096, description="output side in pixels (webui: width/height); bucket max area")
+    crop: Literal["centre", "focal", "split", "auto", "buckets"] = Field(
+        "centre", description="centre square | focal (webui auto focal point crop) | split (webui split oversized "
+        "images) | auto (webui auto-sized crop) | buckets (kohya aspect-ratio buckets, no square crop)")
     flip: bool = Field(False, description="also write horizontally flipped copies (webui: create flipped copies)")
+    greyscale: bool = Field(False, description="also write greyscale copies (the DreamArtist trick)")
     resample: Literal["lanczos", "bicubic", "bilinear", "nearest", "box", "hamming"] = "lanczos"
     background: tuple[int, int, int] = Field((255, 255, 255), description="RGB that transparency is composited on")
     min_side: int = Field(1, ge=1, description="images with a smaller side are skipped")
     max_pixels: int = Field(89_478_485, ge=1, description="decompression-bomb limit, width x height")
+    focal_crop_face_weight: float = Field(0.9, ge=0, le=1, description="webui: focal point face weight")
+    focal_crop_entropy_weight: float = Field(0.15, ge=0, le=1, description="webui: focal point entropy weight")
+    focal_crop_edges_weight: float = Field(0.5, ge=0, le=1, description="webui: focal point edges weight")
+    split_threshold: float = Field(0.5, ge=0, le=10, description="webui: split image threshold")
+    overlap_ratio: float = Field(0.2, ge=0, lt=1, description="webui: split image overlap ratio")
+    multicrop_mindim: int = Field(384, ge=64, le=4096, description="webui: auto-sized crop dimension lower bound")
+    multicrop_maxdim: int = Field(768, ge=64, le=4096, description="webui: auto-sized crop dimension upper bound")
+    multicrop_minarea: int = Field(64 * 64, ge=1, description="webui: auto-sized crop area lower bound")
+    multicrop_maxarea: int = Field(640 * 640, ge=1, description="webui: auto-sized crop area upper bound")
+    multicrop_objective: Literal["area", "error"] = Field("area", description="webui: maximize area | minimize error")
+    multicrop_threshold: float = Field(0.1, ge=0, le=1, description="webui: auto-sized crop error threshold")
+    min_bucket_reso: int = Field(256, ge=64, description="kohya: smallest bucket side")
+    max_bucket_reso: int = Field(1024, ge=64, description="kohya: largest bucket side")
+    bucket_reso_steps: int = Field(64, ge=8, description="kohya: bucket side step")
+    bucket_no_upscale: bool = Field(True, description="kohya: buckets follow each image, never enlarging it")
+    near_duplicate_distance: int = Field(4, ge=0, le=64, description="perceptual-hash bits; 0: no near-dup check")
+    drop_near_duplicates: bool = Field(False, description="skip near duplicates, keeping the largest of a group")
+    filename_word_regex: str = Field("", description="webui: filename word regex, for [filewords]")
+    filename_join_string: str = Field(" ", description="webui: filename join string")
+    min_images: int = Field(30, ge=0, description="fewer prepared images than this warns (the seeds: 30+)")
+    max_skipped_fraction: float = Field(0.5, ge=0, le=1, description="a larger skipped fraction fails the check")
+    workers: int = Field(0, ge=0, le=256, description="decode/resize processes; 0: one per CPU core")
+
+    @field_validator("filename_word_regex")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"not a valid regular expression: {error}") from error
+        return value
 
 
 class TaggingSettings(_Section):

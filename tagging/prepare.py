@@ -1,66 +1,66 @@
-"""The prepared training set: square, resized, optionally flipped PNGs plus a manifest that makes re-runs
-incremental (a source whose bytes and options did not change is reused without decoding)."""
+"""The prepared training set: cropped, resized, optionally flipped/greyscale PNGs plus a manifest.
+
+Work is done per source content, not per run: every decoded source lands in a content-addressed cache
+(tagging/prepare_cache.py) keyed by (source hash, options fingerprint), built in parallel worker processes;
+the prepared folder and the manifest are then assembled from the cache, so adding one image to a thousand
+decodes one, a rename decodes none, and a killed run resumes where it stopped.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import io
-import math
+import multiprocessing
+import os
 import re
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
-from PIL import Image, ImageOps
 
-from common.atomic import write_bytes
-from common.hashing import bytes_sha256, file_sha256, json_sha256
-from tagging.images import ImageRejected, list_images, load_rgb
+from common.hashing import bytes_sha256, file_sha256
+from tagging.sheets import contact_sheet
+from tagging.filewords import filename_words, sidecar_caption
+from tagging.images import list_images
+from tagging.prepare_cache import (
+    FLIP_SUFFIX,
+    GREY_SUFFIX,
+    build_entry,
+    entry_dir,
+    hamming,
+    link_output,
+    prune,
+    read_entry,
+)
+from tagging.prepare_options import RESAMPLE_FILTERS, PrepareOptions
 
-RESAMPLE_FILTERS: dict[str, Image.Resampling] = {
-    "lanczos": Image.Resampling.LANCZOS,
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
+__all__ = ["MANIFEST_COLUMNS", "PrepareOptions", "RESAMPLE_FILTERS", "SelectOptions", "contact_sheet",
+           "prepare_images"]
+
 MANIFEST_COLUMNS = (
     "source", "source_sha256", "output", "sha256", "flipped", "width", "height", "status", "reason", "options",
+    "greyscale", "tile", "crop_left", "crop_top", "crop_right", "crop_bottom", "source_width", "source_height",
+    "source_bytes", "source_mtime_ns", "dhash", "duplicate_of", "source_caption", "filename_words",
 )
-FLIP_SUFFIX = "__flip"
+_INT_COLUMNS = ("width", "height", "tile", "crop_left", "crop_top", "crop_right", "crop_bottom", "source_width",
+                "source_height", "source_bytes", "source_mtime_ns")
 # Characters that are illegal in file names on some common file system (Windows is the strictest).
 _UNSAFE_CHARACTERS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
-# Keep flat names well under the usual 255-byte limit, leaving room for the hash and flip suffixes.
+# Keep flat names well under the usual 255-byte limit, leaving room for the hash and variant suffixes.
 _MAX_STEM_BYTES = 160
 _NOT_UTF8 = "file name is not valid UTF-8 (rename the file)"
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
-class PrepareOptions:
-    """The webui "Preprocess images" settings that change the prepared pixels."""
+class SelectOptions:
+    """Options that choose and describe images without changing pixels, so they are not in the cache key."""
 
-    size: int = 512
-    flip: bool = False
-    resample: str = "lanczos"
-    background: tuple[int, int, int] = (255, 255, 255)
-    min_side: int = 1
-    max_pixels: int = 89_478_485
-
-    def __post_init__(self) -> None:
-        if self.size < 1:
-            raise ValueError(f"preprocess size must be a positive number of pixels, got {self.size}")
-        if self.resample not in RESAMPLE_FILTERS:
-            raise ValueError(f"unknown resample filter {self.resample!r}; choose one of {sorted(RESAMPLE_FILTERS)}")
-        if len(self.background) != 3 or not all(0 <= int(c) <= 255 for c in self.background):
-            raise ValueError(f"background must be three 0-255 values (R, G, B), got {self.background!r}")
-        # YAML and JSON give lists; the fingerprint and the hash of the frozen dataclass need a tuple.
-        object.__setattr__(self, "background", tuple(int(c) for c in self.background))
-
-    def fingerprint(self) -> str:
-        """Part of every cache key, so changing any option invalidates exactly the outputs it affects."""
-        return json_sha256(dataclasses.asdict(self))
+    near_duplicate_distance: int = 4  # dHash bits; 0 turns near-duplicate detection off
+    drop_near_duplicates: bool = False
+    filename_word_regex: str = ""  # webui "Filename word regex"
+    filename_join_string: str = " "  # webui "Filename join string"
 
 
 def prepare_images(
@@ -68,33 +68,123 @@ def prepare_images(
     out_dir: Path,
     options: PrepareOptions,
     previous: pd.DataFrame | None = None,
+    *,
+    cache_dir: Path | None = None,
+    select: SelectOptions = SelectOptions(),
+    workers: int = 1,
+    progress: Progress | None = None,
 ) -> pd.DataFrame:
     """Write the prepared PNGs for every image in `src_dir` into `out_dir` and return the manifest.
 
-    Rows come one per output (a flipped copy is its own row) and one per skipped source, sorted by source.
-    Outputs recorded in `previous` with the same source bytes and options are reused when the file on disk
-    still has the recorded hash. PNGs in `out_dir` that no source produces any more are deleted together
-    with their `.txt` caption; every other file there is left alone.
+    Rows come one per output (each tile, flipped and greyscale copy is its own row) and one per skipped
+    source, sorted by source. `previous` (the last manifest) only saves re-hashing sources whose size and
+    mtime did not change. Sources missing from the cache are built by `workers` processes (0: one per CPU);
+    `progress(done, total)` is called as each finishes. PNGs in `out_dir` that no source produces any more are
+    deleted together with their `.txt` caption; every other file there is left alone.
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     _refuse_overlap(src_dir, out_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else out_dir.parent / f".{out_dir.name}_cache"
+    _refuse_overlap(src_dir, cache_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = list_images(src_dir)
     relatives = [path.relative_to(src_dir).as_posix() for path in sources]
-    stems = _output_stems([relative for relative in relatives if _is_utf8(relative)], flip=options.flip)
+    stems = _output_stems([relative for relative in relatives if _is_utf8(relative)], options)
     fingerprint = options.fingerprint()
-    reusable = _reusable_rows(previous, fingerprint)
+    known_hashes = _known_hashes(previous)
+
     rows: list[dict] = []
+    located: list[tuple[Path, str, dict]] = []  # (path, relative, base row) of every readable source
     for path, relative in zip(sources, relatives):
         if relative not in stems:
-            rows.append(_skipped_row({"source": _printable(relative), "options": fingerprint}, None, _NOT_UTF8))
+            rows.append(_skipped_row({"source": _printable(relative), "options": fingerprint}, _NOT_UTF8))
             continue
-        rows.extend(_prepare_one(path, relative, stems[relative], out_dir, options, fingerprint, reusable))
-    manifest = _manifest_frame(rows)
-    _remove_stale_outputs(out_dir, keep=set(manifest["output"].dropna()))
+        base = {"source": relative, "options": fingerprint, **_describe(path, relative, select)}
+        try:
+            base["source_sha256"] = _source_hash(path, relative, base, known_hashes)
+        except OSError as exc:
+            rows.append(_skipped_row(base, f"cannot read file: {exc.strerror or exc}"))
+            continue
+        located.append((path, relative, base))
+
+    entries, built = _entries(located, options, fingerprint, cache_dir, workers, progress)
+    first_of: dict[str, str] = {}
+    for path, relative, base in located:
+        sha = base["source_sha256"]
+        if sha in first_of:
+            rows.append(_skipped_row(base, f"exact duplicate of {first_of[sha]}", duplicate_of=first_of[sha]))
+            continue
+        first_of[sha] = relative
+        rows.extend(_rows_for(base, stems[relative], entries[sha], entry_dir(cache_dir, fingerprint, sha), out_dir,
+                              "processed" if sha in built else "reused"))
+    manifest = _mark_near_duplicates(_manifest_frame(rows), select)
+    _remove_stale_outputs(out_dir, keep=set(manifest.loc[manifest["status"] != "skipped", "output"].dropna()))
+    prune(cache_dir, keep=set(first_of))
     return manifest
 
 
+def _describe(path: Path, relative: str, select: SelectOptions) -> dict:
+    stat = path.stat()
+    words = filename_words(PurePosixPath(relative).name, word_regex=select.filename_word_regex,
+                           join=select.filename_join_string)
+    return {"source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns, "source_caption": sidecar_caption(path),
+            "filename_words": words}
+
+
+def _known_hashes(previous: pd.DataFrame | None) -> dict[tuple[str, int, int], str]:
+    """(source, size, mtime_ns) -> content hash from the last manifest; older manifests simply give none."""
+    needed = {"source", "source_sha256", "source_bytes", "source_mtime_ns"}
+    if previous is None or previous.empty or not needed <= set(previous.columns):
+        return {}
+    usable = previous.dropna(subset=list(needed))
+    return {(row.source, int(row.source_bytes), int(row.source_mtime_ns)): row.source_sha256
+            for row in usable.itertuples()}
+
+
+def _source_hash(path: Path, relative: str, base: dict, known: dict[tuple[str, int, int], str]) -> str:
+    hit = known.get((relative, base["source_bytes"], base["source_mtime_ns"]))
+    return hit if hit is not None else file_sha256(path)
+
+
+def _entries(
+    located: list[tuple[Path, str, dict]],
+    options: PrepareOptions,
+    fingerprint: str,
+    cache_dir: Path,
+    workers: int,
+    progress: Progress | None,
+) -> tuple[dict[str, dict], set[str]]:
+    """The cache entry of every distinct source content, building the missing ones; also which were built."""
+    entries: dict[str, dict] = {}
+    missing: dict[str, Path] = {}
+    for path, _, base in located:
+        sha = base["source_sha256"]
+        if sha in entries or sha in missing:
+            continue
+        entry = read_entry(entry_dir(cache_dir, fingerprint, sha))
+        if entry is None:
+            missing[sha] = path
+        else:
+            entries[sha] = entry
+    total = len(missing)
+    count = workers if workers > 0 else (os.cpu_count() or 1)
+    if count == 1 or total <= 1:
+        for done, (sha, path) in enumerate(missing.items(), start=1):
+            entries[sha] = build_entry(str(path), options, str(entry_dir(cache_dir, fingerprint, sha)))
+            if progress:
+                progress(done, total)
+        return entries, set(missing)
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(max_workers=min(count, total), mp_context=context) as pool:
+        futures: dict[Future, str] = {
+            pool.submit(build_entry, str(path), options, str(entry_dir(cache_dir, fingerprint, sha))): sha
+            for sha, path in missing.items()
+        }
+        for done, future in enumerate(as_completed(futures), start=1):
+            entries[futures[future]] = future.result()
+            if progress:
+                progress(done, total)
+    return entries, set(missing)
 def _is_utf8(relative: str) -> bool:
     """Linux names are bytes; one that is not UTF-8 reaches Python with surrogate escapes, which neither the
     manifest (Parquet strings) nor an output name can hold, so such a source is skipped with a reason."""
@@ -116,11 +206,12 @@ def _refuse_overlap(src_dir: Path, out_dir: Path) -> None:
         raise ValueError(f"output folder {out_dir} must not be the source folder {src_dir} or inside it")
 
 
-def _output_stems(relatives: list[str], *, flip: bool) -> dict[str, str]:
+def _output_stems(relatives: list[str], options: PrepareOptions) -> dict[str, str]:
     """Map each source's relative path to a flat, file-system-safe output stem, unique even on case-insensitive
     file systems. Colliding names all get a suffix from their own path's hash, so a source's name depends only
     on which other sources exist, never on the order they are listed in.
     """
+    flip = (options.flip, options.greyscale)
     stems = {relative: _flat_stem(relative) for relative in relatives}
     claims = Counter(name for relative in relatives for name in _claimed_names(stems[relative], flip))
     for relative in relatives:
@@ -142,101 +233,65 @@ def _flat_stem(relative: str) -> str:
     return flat
 
 
-def _claimed_names(stem: str, flip: bool) -> list[str]:
-    names = [f"{stem}.png"] + ([f"{stem}{FLIP_SUFFIX}.png"] if flip else [])
+def _claimed_names(stem: str, copies: tuple[bool, bool]) -> list[str]:
+    """Names a source's plain, flipped and greyscale outputs take (tiles of split images are not claimed:
+    their count is only known after decoding)."""
+    flip, grey = copies
+    names = [f"{stem}.png"] + ([f"{stem}{FLIP_SUFFIX}.png"] if flip else []) + ([f"{stem}{GREY_SUFFIX}.png"] if grey else [])
     return [name.casefold() for name in names]
 
 
-def _reusable_rows(previous: pd.DataFrame | None, fingerprint: str) -> dict[tuple[str, str, bool], dict]:
-    if previous is None or previous.empty:
-        return {}
-    missing = [column for column in MANIFEST_COLUMNS if column not in previous.columns]
-    if missing:
-        raise ValueError(f"previous manifest lacks the columns {missing}; expected {list(MANIFEST_COLUMNS)}")
-    usable = previous[(previous["status"] != "skipped") & (previous["options"] == fingerprint)]
-    return {
-        (row["source"], row["source_sha256"], bool(row["flipped"])): row
-        for row in usable.to_dict("records")
-        if isinstance(row["output"], str) and isinstance(row["sha256"], str)
-    }
+def _rows_for(base: dict, stem: str, entry: dict, cached: Path, out_dir: Path, status: str) -> list[dict]:
+    if entry["skipped"]:
+        return [_skipped_row(base, entry["skipped"])]
+    rows = []
+    for variant in entry["variants"]:
+        name = f"{stem}{variant['suffix']}.png"
+        link_output(cached / variant["file"], out_dir / name, variant["sha256"])
+        left, top, right, bottom = variant["box"]
+        rows.append({**base, "output": name, "sha256": variant["sha256"], "flipped": variant["flipped"],
+                     "greyscale": variant["greyscale"], "tile": variant["tile"], "width": variant["width"],
+                     "height": variant["height"], "crop_left": left, "crop_top": top, "crop_right": right,
+                     "crop_bottom": bottom, "source_width": entry["source_width"],
+                     "source_height": entry["source_height"], "dhash": entry["dhash"], "status": status,
+                     "reason": ""})
+    return rows
 
 
-def _prepare_one(
-    path: Path,
-    relative: str,
-    stem: str,
-    out_dir: Path,
-    options: PrepareOptions,
-    fingerprint: str,
-    reusable: dict[tuple[str, str, bool], dict],
-) -> list[dict]:
-    base = {"source": relative, "options": fingerprint}
-    try:
-        source_sha = file_sha256(path)
-    except OSError as exc:
-        return [_skipped_row(base, None, f"cannot read file: {exc.strerror or exc}")]
-    variants = [False, True] if options.flip else [False]
-    rows: dict[bool, dict] = {}
-    for flipped in variants:
-        name = f"{stem}{FLIP_SUFFIX if flipped else ''}.png"
-        known = reusable.get((relative, source_sha, flipped))
-        if known is not None and known["output"] == name and _has_hash(out_dir / name, known["sha256"]):
-            rows[flipped] = _output_row(base, source_sha, name, known["sha256"], flipped, options.size, "reused")
-    if len(rows) < len(variants):
-        try:
-            square = _square(path, options)
-        except ImageRejected as exc:
-            return [_skipped_row(base, source_sha, exc.reason)]
-        for flipped in variants:
-            if flipped not in rows:
-                name = f"{stem}{FLIP_SUFFIX if flipped else ''}.png"
-                image = ImageOps.mirror(square) if flipped else square
-                digest = _write_png(out_dir / name, image)
-                rows[flipped] = _output_row(base, source_sha, name, digest, flipped, options.size, "processed")
-    return [rows[flipped] for flipped in variants]
-
-
-def _has_hash(path: Path, expected: str) -> bool:
-    try:
-        return path.is_file() and file_sha256(path) == expected
-    except OSError:
-        return False
-
-
-def _square(path: Path, options: PrepareOptions) -> Image.Image:
-    """Centre crop to the largest square, then resize. Cropping first (rather than resizing a box of the
-    full image) keeps pixels from outside the crop from bleeding into its edges through the filter."""
-    image = load_rgb(path, background=options.background, max_pixels=options.max_pixels, min_side=options.min_side)
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    square = image.crop((left, top, left + side, top + side))
-    return square.resize((options.size, options.size), resample=RESAMPLE_FILTERS[options.resample])
-
-
-def _write_png(target: Path, image: Image.Image) -> str:
-    """PNG bytes that depend only on the pixels: no metadata (ICC, EXIF, text, time) is carried over."""
-    clean = Image.frombytes("RGB", image.size, image.tobytes())
-    buffer = io.BytesIO()
-    clean.save(buffer, format="PNG", compress_level=6)
-    data = buffer.getvalue()
-    write_bytes(target, data)
-    return bytes_sha256(data)
-
-
-def _output_row(base: dict, source_sha: str, name: str, digest: str, flipped: bool, size: int, status: str) -> dict:
-    return {**base, "source_sha256": source_sha, "output": name, "sha256": digest, "flipped": flipped,
-            "width": size, "height": size, "status": status, "reason": ""}
-
-
-def _skipped_row(base: dict, source_sha: str | None, reason: str) -> dict:
-    return {**base, "source_sha256": source_sha, "output": None, "sha256": None, "flipped": False,
-            "width": None, "height": None, "status": "skipped", "reason": reason}
+def _skipped_row(base: dict, reason: str, *, duplicate_of: str | None = None) -> dict:
+    return {"source_sha256": None, **base, "output": None, "sha256": None, "flipped": False, "greyscale": False,
+            "status": "skipped", "reason": reason, "duplicate_of": duplicate_of}
 
 
 def _manifest_frame(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
-    return frame.astype({"flipped": bool, "width": "Int64", "height": "Int64"})
+    frame = frame.astype({"flipped": bool, "greyscale": bool, **{column: "Int64" for column in _INT_COLUMNS}})
+    return frame.astype({column: "object" for column in ("duplicate_of", "source_caption", "dhash", "sha256",
+                                                          "output", "source_sha256")})
+
+
+def _mark_near_duplicates(manifest: pd.DataFrame, select: SelectOptions) -> pd.DataFrame:
+    """Record, for every source whose dHash is within the distance of a larger source's, that larger source
+    in `duplicate_of`; with `drop_near_duplicates` its rows become skips, so the largest of a group stays."""
+    if select.near_duplicate_distance <= 0:
+        return manifest
+    kept = manifest[(manifest["status"] != "skipped") & manifest["dhash"].notna()]
+    firsts = kept.drop_duplicates("source")
+    sources = sorted(firsts.itertuples(), key=lambda r: (-(r.source_width * r.source_height), r.source))
+    near: dict[str, str] = {}
+    for index, row in enumerate(sources):
+        for larger in sources[:index]:
+            if larger.source not in near and hamming(row.dhash, larger.dhash) <= select.near_duplicate_distance:
+                near[row.source] = larger.source
+                break
+    if not near:
+        return manifest
+    hit = manifest["source"].isin(list(near)) & (manifest["status"] != "skipped")
+    manifest.loc[hit, "duplicate_of"] = manifest.loc[hit, "source"].map(near)
+    if select.drop_near_duplicates:
+        manifest.loc[hit, "reason"] = "near duplicate of " + manifest.loc[hit, "duplicate_of"]
+        manifest.loc[hit, ["status", "output", "sha256"]] = ["skipped", None, None]
+    return manifest
 
 
 def _remove_stale_outputs(out_dir: Path, keep: set[str]) -> None:
@@ -247,28 +302,3 @@ def _remove_stale_outputs(out_dir: Path, keep: set[str]) -> None:
             continue
         png.with_suffix(".txt").unlink(missing_ok=True)
         png.unlink()
-
-
-def contact_sheet(paths: list[Path], *, columns: int = 8, cell: int = 96, max_images: int = 64) -> Image.Image:
-    """A grid of thumbnails so a person can eyeball a whole dataset in the UI at a glance.
-
-    An unreadable image becomes a grey cell instead of failing the sheet: the sheet is for looking, and the
-    manifest already records why a file was skipped.
-    """
-    shown = list(paths)[:max_images]
-    if not shown:
-        raise ValueError("contact_sheet needs at least one image path")
-    if columns < 1 or cell < 1:
-        raise ValueError(f"columns and cell must be positive, got columns={columns}, cell={cell}")
-    columns = min(columns, len(shown))
-    rows = math.ceil(len(shown) / columns)
-    sheet = Image.new("RGB", (columns * cell, rows * cell), (255, 255, 255))
-    for index, path in enumerate(shown):
-        origin = ((index % columns) * cell, (index // columns) * cell)
-        try:
-            thumb = ImageOps.contain(load_rgb(path), (cell, cell), method=Image.Resampling.LANCZOS)
-        except ImageRejected:
-            sheet.paste((128, 128, 128), (*origin, origin[0] + cell, origin[1] + cell))
-            continue
-        sheet.paste(thumb, (origin[0] + (cell - thumb.width) // 2, origin[1] + (cell - thumb.height) // 2))
-    return sheet

@@ -59,8 +59,9 @@ def test_flipped_copies_are_their_own_rows(tmp_path: Path) -> None:
 
 def test_name_collisions_are_resolved_independent_of_order(tmp_path: Path, solid_image) -> None:
     src = tmp_path / "raw"
-    for name in ["a.png", "a.jpg", "sub/x.png", "sub__x.png", "Case.png", "case.PNG", "unique.png"]:
-        solid_image(src / name)
+    names = ["a.png", "a.jpg", "sub/x.png", "sub__x.png", "Case.png", "case.PNG", "unique.png"]
+    for index, name in enumerate(names):  # distinct colours: identical files would be exact duplicates
+        solid_image(src / name, (index * 30, 0, 0))
     manifest = prepare_images(src, tmp_path / "out", SMALL)
     outputs = dict(zip(manifest["source"], manifest["output"]))
     assert len({name.casefold() for name in outputs.values()}) == 7
@@ -69,7 +70,7 @@ def test_name_collisions_are_resolved_independent_of_order(tmp_path: Path, solid
     # Removing the colliding partner lets a file keep a stable, plain name again; adding files elsewhere
     # never renames it.
     (src / "a.jpg").unlink()
-    solid_image(src / "zzz.png")
+    solid_image(src / "zzz.png", (0, 0, 99))
     again = prepare_images(src, tmp_path / "out", SMALL)
     assert dict(zip(again["source"], again["output"]))["a.png"] == "a.png"
 
@@ -90,7 +91,7 @@ def test_second_run_reuses_outputs_without_decoding_or_rewriting(tmp_path: Path,
     first = prepare_images(src, out, options)
     before = snapshot(out)
     write_parquet(tmp_path / "manifest.parquet", first)
-    monkeypatch.setattr("tagging.prepare.load_rgb", lambda *args, **kwargs: pytest.fail("decoded a reusable image"))
+    monkeypatch.setattr("tagging.prepare_cache.load_rgb", lambda *args, **kwargs: pytest.fail("decoded a reusable image"))
     second = prepare_images(src, out, options, previous=pd.read_parquet(tmp_path / "manifest.parquet"))
     assert set(second["status"]) == {"reused"}
     assert second.drop(columns="status").equals(first.drop(columns="status"))
@@ -122,8 +123,8 @@ def test_same_input_gives_same_bytes(tmp_path: Path) -> None:
 
 def test_stale_outputs_and_their_captions_are_removed(tmp_path: Path, solid_image) -> None:
     src, out = tmp_path / "raw", tmp_path / "out"
-    solid_image(src / "keep.png")
-    solid_image(src / "gone.png")
+    solid_image(src / "keep.png", (1, 2, 3))
+    solid_image(src / "gone.png", (4, 5, 6))
     first = prepare_images(src, out, PrepareOptions(size=16, flip=True))
     for stem in ["keep", "gone", "gone__flip"]:
         (out / f"{stem}.txt").write_text("a caption")
