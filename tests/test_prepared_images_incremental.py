@@ -1,0 +1,165 @@
+"""`prepared_images` as Dagster runs it: work follows content, not runs (issue 3, "incremental by content")."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from dagster import AssetKey, DagsterInstance, instance_for_test
+from PIL import Image
+
+from assets.partitions import datasets_partitions
+from assets.prepared_images import cache_dir, manifest_path
+from tests.conftest import make_project
+from tests.helpers import edit_settings
+
+SECTION = {"size": 16, "workers": 1, "min_images": 1}
+
+
+def noise_images(folder: Path, names: list[str], seed: int = 0) -> None:
+    """Distinct random pictures (identical ones would be dropped as exact duplicates)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, name in enumerate(names):
+        pixels = np.random.default_rng([seed, index]).integers(0, 256, (20, 28, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+
+
+@pytest.fixture
+def counted(monkeypatch) -> list[str]:
+    """Every source actually decoded and resized in this process (workers: 1 keeps the work here)."""
+    import tagging.prepare as prepare
+
+    built: list[str] = []
+    real = prepare.build_entry
+
+    def counting(path: str, *args, **kwargs):
+        built.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(prepare, "build_entry", counting)
+    return built
+
+
+@pytest.fixture
+def setup(tmp_path: Path, embedded_root: Path):
+    defs, paths = make_project(tmp_path, embedded_root)
+    with instance_for_test() as instance:
+        yield defs, paths, instance
+
+
+def dataset(paths, name: str, count: int, **settings) -> Path:
+    folder = paths.dataset_dir(name)
+    noise_images(folder, [f"{index:02d} img.png" for index in range(count)], seed=len(name))
+    edit_settings(folder, "preprocess", **{**SECTION, **settings})
+    return folder
+
+
+def prepare(defs, instance: DagsterInstance, name: str, *, raise_on_error: bool = True):
+    if name not in instance.get_dynamic_partitions(datasets_partitions.name):
+        instance.add_dynamic_partitions(datasets_partitions.name, [name])
+    job = defs.resolve_implicit_global_asset_job_def()
+    return job.execute_in_process(instance=instance, partition_key=name, raise_on_error=raise_on_error,
+                                  asset_selection=[AssetKey("prepared_images")])
+
+
+def manifest(paths, name: str) -> pd.DataFrame:
+    return pd.read_parquet(manifest_path(paths, name))
+
+
+def statuses(paths, name: str) -> dict[str, int]:
+    return manifest(paths, name)["status"].value_counts().to_dict()
+
+
+def test_adding_one_image_processes_one(setup, counted) -> None:
+    defs, paths, instance = setup
+    folder = dataset(paths, "cats", 8)
+    prepare(defs, instance, "cats")
+    assert len(counted) == 8 and statuses(paths, "cats") == {"processed": 8}
+    noise_images(folder, ["new one.png"], seed=99)
+    counted.clear()
+    prepare(defs, instance, "cats")
+    assert counted == ["new one.png"]
+    assert statuses(paths, "cats") == {"reused": 8, "processed": 1}
+
+
+def test_rename_reuses_and_delete_removes_outputs_and_cache(setup, counted) -> None:
+    defs, paths, instance = setup
+    folder = dataset(paths, "cats", 4)
+    prepare(defs, instance, "cats")
+    out = paths.output_dir("cats", "prepared_images")
+    (folder / "01 img.png").rename(folder / "renamed.png")
+    (folder / "02 img.png").unlink()
+    counted.clear()
+    prepare(defs, instance, "cats")
+    assert counted == []
+    rows = manifest(paths, "cats").set_index("source")
+    assert rows.loc["renamed.png", "status"] == "reused" and "02 img.png" not in rows.index
+    assert sorted(p.name for p in out.glob("*.png")) == ["00 img.png", "03 img.png", "renamed.png"]
+    entries = [p.name for p in cache_dir(paths, "cats").glob("*/*/*")]
+    assert sorted(entries) == sorted(rows["source_sha256"])
+
+
+def test_crop_mode_change_reprocesses_that_dataset_only(setup, counted) -> None:
+    defs, paths, instance = setup
+    cats, dogs = dataset(paths, "cats", 3), dataset(paths, "dogs", 2)
+    prepare(defs, instance, "cats")
+    prepare(defs, instance, "dogs")
+    edit_settings(cats, "preprocess", crop="focal")
+    counted.clear()
+    prepare(defs, instance, "cats")
+    prepare(defs, instance, "dogs")
+    assert sorted(counted) == ["00 img.png", "01 img.png", "02 img.png"]
+    assert statuses(paths, "cats") == {"processed": 3} and statuses(paths, "dogs") == {"reused": 2}
+    # Switching back costs nothing: the entries of the first setting are still in the cache.
+    edit_settings(cats, "preprocess", crop="centre")
+    counted.clear()
+    prepare(defs, instance, "cats")
+    assert counted == [] and statuses(paths, "cats") == {"reused": 3}
+
+
+def test_killed_run_resumes_to_the_uninterrupted_manifest(tmp_path: Path, embedded_root: Path, monkeypatch) -> None:
+    import tagging.prepare as prepare_module
+
+    real, calls = prepare_module.build_entry, []
+
+    def dies_on_the_fourth(path: str, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")  # what a SIGINT looks like half way through
+        return real(path, *args, **kwargs)
+
+    manifests = []
+    for name, kill in (("clean", False), ("killed", True)):
+        defs, paths = make_project(tmp_path / name, embedded_root)
+        folder = dataset(paths, "cats", 6, flip=True)
+        for index, path in enumerate(sorted(folder.glob("*.png"))):  # same mtimes in both projects
+            os.utime(path, ns=(10**18 + index, 10**18 + index))
+        with instance_for_test() as instance:
+            if kill:
+                monkeypatch.setattr(prepare_module, "build_entry", dies_on_the_fourth)
+                assert not prepare(defs, instance, "cats", raise_on_error=False).success
+                assert not manifest_path(paths, "cats").exists()
+                monkeypatch.setattr(prepare_module, "build_entry", real)
+            prepare(defs, instance, "cats")
+        manifests.append(manifest(paths, "cats"))
+        outputs = paths.output_dir("cats", "prepared_images")
+        assert sorted(p.name for p in outputs.iterdir()) == sorted(manifests[-1]["output"])
+    clean, resumed = manifests
+    assert resumed["status"].value_counts().to_dict() == {"reused": 6, "processed": 6}  # 3 sources x 2 reused
+    assert resumed.drop(columns="status").equals(clean.drop(columns="status"))
+
+
+def test_parallel_workers_log_progress_and_match_single_process(setup) -> None:
+    defs, paths, instance = setup
+    dataset(paths, "cats", 6, workers=2)
+    dataset(paths, "dogs", 6, workers=1)  # the same pictures: both names have four letters
+    result = prepare(defs, instance, "cats")
+    prepare(defs, instance, "dogs")
+    messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert any("decoded and resized 6/6" in message for message in messages)
+    assert statuses(paths, "cats") == {"processed": 6}
+    columns = ["source", "source_sha256", "output", "sha256", "options"]
+    assert manifest(paths, "cats")[columns].equals(manifest(paths, "dogs")[columns])
