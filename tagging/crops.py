@@ -110,14 +110,13 @@ def bucket_for(width: int, height: int, options: PrepareOptions) -> tuple[tuple[
     if options.bucket_no_upscale:
         max_area = options.size * options.size
         if width * height > max_area:
+            # kohya: scale to the max area, then round whichever side keeps the aspect better to the step.
             scaled_w = math.sqrt(max_area * aspect)
-            rounded_w = max(step, round(scaled_w / step) * step)
-            rounded_h = max(step, round(scaled_w / aspect / step) * step)
-            by_w = (rounded_w, int(rounded_w / aspect + 0.5))
-            by_h = (int(rounded_h * aspect + 0.5), rounded_h)
-            by_w_error = abs(rounded_w / max(step, round(rounded_w / aspect / step) * step) - aspect)
-            by_h_error = abs(max(step, round(rounded_h * aspect / step) * step) / rounded_h - aspect)
-            resized = by_w if by_w_error < by_h_error else by_h
+            by_w = _steps(scaled_w, step)
+            by_h = _steps(scaled_w / aspect, step)
+            error_w = abs(by_w / _steps(by_w / aspect, step) - aspect)
+            error_h = abs(_steps(by_h * aspect, step) / by_h - aspect)
+            resized = (by_w, int(by_w / aspect + 0.5)) if error_w < error_h else (int(by_h * aspect + 0.5), by_h)
         else:
             resized = (width, height)
         out = (resized[0] - resized[0] % step, resized[1] - resized[1] % step)
@@ -126,3 +125,8 @@ def bucket_for(width: int, height: int, options: PrepareOptions) -> tuple[tuple[
     else:
         out = min(bucket_resolutions(options), key=lambda wh: abs(wh[0] / wh[1] - aspect))
     return out, centre_box(width, height, out[0] / out[1])
+
+
+def _steps(value: float, step: int) -> int:
+    """kohya's round_to_steps (half up), never below one step."""
+    return max(step, int(value / step + 0.5) * step)

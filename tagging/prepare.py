@@ -174,7 +174,8 @@ def _entries(
             if progress:
                 progress(done, total)
         return entries, set(missing)
-    context = multiprocessing.get_context("forkserver")
+    context = multiprocessing.get_context("forkserver")  # fork is unsafe in a threaded process (Dagster's)
+    context.set_forkserver_preload(["tagging.prepare_cache"])  # imported once, then every worker forks from it
     with ProcessPoolExecutor(max_workers=min(count, total), mp_context=context) as pool:
         futures: dict[Future, str] = {
             pool.submit(build_entry, str(path), options, str(entry_dir(cache_dir, fingerprint, sha))): sha

@@ -90,7 +90,8 @@ def write_png(target: Path, image: Image.Image) -> str:
     """PNG bytes that depend only on the pixels: no metadata (ICC, EXIF, text, time) is carried over."""
     clean = Image.frombytes("RGB", image.size, image.convert("RGB").tobytes())
     buffer = io.BytesIO()
-    clean.save(buffer, format="PNG", compress_level=6)
+    # Level 3: a tenth larger than the default 6 and four times faster, which is most of a cold run.
+    clean.save(buffer, format="PNG", compress_level=3)
     data = buffer.getvalue()
     write_bytes(target, data)
     return bytes_sha256(data)
