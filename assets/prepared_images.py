@@ -23,9 +23,11 @@ from common.atomic import atomic_path, write_parquet, write_text
 from common.hashing import json_sha256
 from resources import ProjectPaths
 from tagging.prepare import PrepareOptions, SelectOptions, prepare_images
+from tagging.prepare_cache import THUMB_FILE, entry_dir
 from tagging.sheets import contact_sheet, crop_sheet
 
 STAGE = "prepared_images"
+CROP_COLUMNS = ["crop_left", "crop_top", "crop_right", "crop_bottom"]
 CHECKS = {
     "has_training_images": "at least one image was prepared",
     "enough_images": "at least `preprocess.min_images` prepared images (the seeds recommend 30+); warns",
@@ -110,28 +112,27 @@ def prepared_images(context: AssetExecutionContext, paths: ProjectPaths) -> Mate
         "skipped_files": table_md(skipped),
     }
     if len(kept):
-        metadata.update(_sheets(paths, dataset, out_dir, kept))
+        metadata.update(_sheets(paths, dataset, out_dir, kept, options.fingerprint()))
     # The version depends on what was produced, not on whether it was computed or reused.
     version = json_sha256(sorted(zip(kept["output"], kept["sha256"])))
     return MaterializeResult(metadata=metadata, data_version=DataVersion(version),
                              check_results=_checks(sources, kept, settings, exact))
 
 
-def _sheets(paths: ProjectPaths, dataset: str, out_dir, kept: pd.DataFrame) -> dict:
-    """The two contact sheets, redrawn only when the prepared set or its crops changed (drawing decodes
-    sources, which would otherwise dominate an incremental run)."""
+def _sheets(paths: ProjectPaths, dataset: str, out_dir, kept: pd.DataFrame, fingerprint: str) -> dict:
+    """The prepared images, and the sources (their cached thumbnails) with crop boxes; redrawn only when the
+    prepared set or its crops changed."""
     folder = paths.output_dir(dataset, "previews")
     prepared, crops, key_file = folder / "contact_sheet.png", folder / "crop_boxes.png", folder / "contact_sheet.key"
-    boxes = kept[["source", "crop_left", "crop_top", "crop_right", "crop_bottom"]].astype(str).values.tolist()
+    boxes = kept[["source", *CROP_COLUMNS]].astype(str).values.tolist()
     key = json_sha256([sorted(zip(kept["output"], kept["sha256"])), boxes])
     if not (prepared.exists() and crops.exists() and key_file.exists() and key_file.read_text() == key):
         with atomic_path(prepared) as tmp:
             contact_sheet([out_dir / name for name in kept["output"]]).save(tmp)
-        per_source = kept.groupby("source", sort=True)
-        entries = [(paths.dataset_dir(dataset) / source,
-                    [tuple(int(v) for v in box) for box in rows[["crop_left", "crop_top", "crop_right",
-                                                                 "crop_bottom"]].drop_duplicates().values])
-                   for source, rows in per_source]
+        entries = [(entry_dir(cache_dir(paths, dataset), fingerprint, rows["source_sha256"].iloc[0]) / THUMB_FILE,
+                    (int(rows["source_width"].iloc[0]), int(rows["source_height"].iloc[0])),
+                    [tuple(int(v) for v in box) for box in rows[CROP_COLUMNS].drop_duplicates().values])
+                   for _, rows in kept.groupby("source", sort=True)]
         with atomic_path(crops) as tmp:
             crop_sheet(entries).save(tmp)
         write_text(key_file, key)

@@ -26,8 +26,9 @@ KINDS = [("RGB", ".jpg"), ("RGB", ".png"), ("RGBA", ".png"), ("L", ".jpg"), ("P"
 
 
 def synthetic_image(path: Path, mode: str, rng: np.random.Generator, max_side: int) -> None:
-    """A smooth gradient with some noise (compresses like a photo, unlike pure noise), random size and mode."""
-    width, height = (int(v) for v in rng.integers(max(64, max_side // 16), max_side + 1, 2))
+    """A smooth gradient with some noise (compresses like a photo, unlike pure noise), random mode and size:
+    sides drawn as max_side * u^2, so most images are small and a few are huge, as in a scraped folder."""
+    width, height = (max(64, int(max_side * u * u)) for u in rng.random(2))
     small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
     image = Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
     noise = Image.effect_noise((width, height), 24).convert("RGB")
@@ -38,7 +39,7 @@ def synthetic_image(path: Path, mode: str, rng: np.random.Generator, max_side: i
         image = image.quantize(64)
     else:
         image = image.convert(mode)
-    image.save(path)
+    image.save(path, **({"compress_level": 1} if path.suffix == ".png" else {}))
 
 
 def make_images(folder: Path, start: int, count: int, max_side: int) -> None:

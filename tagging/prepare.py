@@ -17,6 +17,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pandas as pd
 
 from common.hashing import bytes_sha256, file_sha256
@@ -28,7 +29,6 @@ from tagging.prepare_cache import (
     GREY_SUFFIX,
     build_entry,
     entry_dir,
-    hamming,
     link_output,
     prune,
     read_entry,
@@ -276,15 +276,18 @@ def _mark_near_duplicates(manifest: pd.DataFrame, select: SelectOptions) -> pd.D
     in `duplicate_of`; with `drop_near_duplicates` its rows become skips, so the largest of a group stays."""
     if select.near_duplicate_distance <= 0:
         return manifest
-    kept = manifest[(manifest["status"] != "skipped") & manifest["dhash"].notna()]
-    firsts = kept.drop_duplicates("source")
-    sources = sorted(firsts.itertuples(), key=lambda r: (-(r.source_width * r.source_height), r.source))
+    kept = manifest[(manifest["status"] != "skipped") & manifest["dhash"].notna()].drop_duplicates("source")
+    order = kept.assign(area=kept["source_width"] * kept["source_height"]).sort_values(
+        ["area", "source"], ascending=[False, True])
+    names = order["source"].tolist()
+    hashes = np.array([int(value, 16) for value in order["dhash"]], dtype=np.uint64)
+    is_near = np.zeros(len(names), dtype=bool)
     near: dict[str, str] = {}
-    for index, row in enumerate(sources):
-        for larger in sources[:index]:
-            if larger.source not in near and hamming(row.dhash, larger.dhash) <= select.near_duplicate_distance:
-                near[row.source] = larger.source
-                break
+    for index in range(1, len(names)):  # each against every larger source that is itself no near duplicate
+        close = (np.bitwise_count(hashes[:index] ^ hashes[index]) <= select.near_duplicate_distance) & ~is_near[:index]
+        if close.any():
+            is_near[index] = True
+            near[names[index]] = names[int(np.argmax(close))]
     if not near:
         return manifest
     hit = manifest["source"].isin(list(near)) & (manifest["status"] != "skipped")

@@ -26,6 +26,8 @@ from tagging.images import ImageRejected, load_rgb
 from tagging.prepare_options import RESAMPLE_FILTERS, PrepareOptions
 
 ENTRY_FILE = "entry.json"
+THUMB_FILE = "thumb.png"  # a small copy of the source, for drawing crop boxes without decoding it again
+THUMB_SIDE = 128
 FLIP_SUFFIX = "__flip"
 GREY_SUFFIX = "__grey"
 TILE_SUFFIX = "__tile"
@@ -80,6 +82,7 @@ def build_entry(path: str, options: PrepareOptions, directory: str) -> dict:
             variants.append({"file": file, "stat": [stat.st_size, stat.st_mtime_ns], "suffix": f"{tile}{suffix}", "sha256": digest, "flipped": flipped,
                              "greyscale": grey, "tile": index, "box": list(region.box),
                              "width": picture.width, "height": picture.height})
+    ImageOps.contain(image, (THUMB_SIDE, THUMB_SIDE), method=Image.Resampling.BILINEAR).save(target / THUMB_FILE)
     entry = {"skipped": None, "variants": variants, "source_width": image.width, "source_height": image.height,
              "dhash": dhash(image)}
     write_text(target / ENTRY_FILE, json.dumps(entry))

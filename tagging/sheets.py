@@ -43,23 +43,25 @@ def contact_sheet(paths: list[Path], *, columns: int = 8, cell: int = 96, max_im
 
 
 def crop_sheet(
-    sources: list[tuple[Path, list[Box]]], *, columns: int = 8, cell: int = 128, max_images: int = 32
+    sources: list[tuple[Path, tuple[int, int], list[Box]]], *, columns: int = 8, cell: int = 128,
+    max_images: int = 32,
 ) -> Image.Image:
-    """Thumbnails of source images with each crop box (in source pixels) drawn in red: what was kept."""
+    """Pictures of sources (a thumbnail or the source itself, with the source's full size) with each crop box,
+    in source pixels, drawn in red: what was kept of each image."""
     shown = list(sources)[:max_images]
     sheet, columns = _grid(len(shown), columns, cell)
     draw = ImageDraw.Draw(sheet)
-    for index, (path, boxes) in enumerate(shown):
+    for index, (path, (source_width, _), boxes) in enumerate(shown):
         origin = ((index % columns) * cell, (index // columns) * cell)
         try:
-            source = load_rgb(path)
+            picture = load_rgb(path)
         except ImageRejected:
             draw.rectangle((*origin, origin[0] + cell - 1, origin[1] + cell - 1), fill=(128, 128, 128))
             continue
-        thumb = ImageOps.contain(source, (cell, cell), method=Image.Resampling.BILINEAR)
+        thumb = ImageOps.contain(picture, (cell, cell), method=Image.Resampling.BILINEAR)
         x0, y0 = origin[0] + (cell - thumb.width) // 2, origin[1] + (cell - thumb.height) // 2
         sheet.paste(thumb, (x0, y0))
-        scale = thumb.width / source.width
+        scale = thumb.width / source_width
         for left, top, right, bottom in boxes:
             draw.rectangle((x0 + left * scale, y0 + top * scale, x0 + right * scale - 1, y0 + bottom * scale - 1),
                            outline=(255, 0, 0), width=2)

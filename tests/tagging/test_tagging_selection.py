@@ -102,10 +102,11 @@ def test_greyscale_copies_are_their_own_rows(tmp_path: Path) -> None:
 
 
 def test_crop_sheet_draws_the_boxes_on_the_source(tmp_path: Path) -> None:
-    path = tmp_path / "white.png"
-    Image.new("RGB", (200, 100), (255, 255, 255)).save(path)
     (tmp_path / "bad.png").write_bytes(b"no")
-    sheet = crop_sheet([(path, [(50, 0, 150, 100)]), (tmp_path / "bad.png", [])], columns=2, cell=100)
+    thumb = tmp_path / "thumb.png"
+    Image.new("RGB", (40, 20), (255, 255, 255)).save(thumb)  # a fifth of the source
+    sheet = crop_sheet([(thumb, (200, 100), [(50, 0, 150, 100)]), (tmp_path / "bad.png", (1, 1), [])],
+                       columns=2, cell=100)
     assert sheet.size == (200, 100)
     assert sheet.getpixel((25, 50)) == (255, 0, 0)  # the box's left edge, at half scale
     assert sheet.getpixel((50, 50)) == (255, 255, 255)  # inside the box, the source shows
