@@ -99,8 +99,9 @@ def prepare_images(
         if relative not in stems:
             rows.append(_skipped_row({"source": _printable(relative), "options": fingerprint}, _NOT_UTF8))
             continue
-        base = {"source": relative, "options": fingerprint, **_describe(path, relative, select)}
-        try:
+        base = {"source": relative, "options": fingerprint}
+        try:  # a file can vanish or become unreadable between listing and reading
+            base.update(_describe(path, relative, select))
             base["source_sha256"] = _source_hash(path, relative, base, known_hashes)
         except OSError as exc:
             rows.append(_skipped_row(base, f"cannot read file: {exc.strerror or exc}"))

@@ -184,3 +184,17 @@ def test_list_images_needs_a_folder(tmp_path: Path, solid_image) -> None:
         list_images(tmp_path / "nope")
     with pytest.raises(NotADirectoryError):
         list_images(solid_image(tmp_path / "file.png"))
+
+
+def test_animated_webp_gives_its_first_frame(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], duration=100, lossless=True)
+    assert pixel(load_rgb(tmp_path / "anim.webp")) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("suffix", [".bmp", ".tif", ".webp", ".avif"])
+def test_other_formats_decode(tmp_path: Path, solid_image, suffix: str) -> None:
+    if suffix not in IMAGE_EXTENSIONS:
+        pytest.skip(f"this Pillow build cannot read {suffix}")
+    path = solid_image(tmp_path / f"x{suffix}", (0, 128, 255), size=(16, 16))
+    assert_close(pixel(load_rgb(path)), (0, 128, 255), tolerance=6)
