@@ -1,6 +1,8 @@
 """`prepared_images`: the raw images decoded safely, cropped and resized into the training set."""
 
 
+from pathlib import Path
+
 import pandas as pd
 from dagster import (
     AssetCheckResult,
@@ -24,7 +26,7 @@ from tagging.prepare import PrepareOptions, contact_sheet, prepare_images
 STAGE = "prepared_images"
 
 
-def manifest_path(paths: ProjectPaths, dataset: str):
+def manifest_path(paths: ProjectPaths, dataset: str) -> Path:
     return paths.output_dir(dataset, "tables") / "prepared_manifest.parquet"
 
 
