@@ -3,6 +3,8 @@
 import dataclasses
 import re
 
+from pathlib import Path
+
 import pandas as pd
 from dagster import (
     AssetCheckResult,
@@ -35,7 +37,7 @@ CHECKS = {
 }
 
 
-def manifest_path(paths: ProjectPaths, dataset: str):
+def manifest_path(paths: ProjectPaths, dataset: str) -> Path:
     return paths.output_dir(dataset, "tables") / "prepared_manifest.parquet"
 
 

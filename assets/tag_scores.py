@@ -1,6 +1,8 @@
 """`tag_scores`: every tag's score for every prepared image, from the configured tagger."""
 
 
+from pathlib import Path
+
 import pandas as pd
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 
@@ -14,7 +16,7 @@ from resources import ProjectPaths, TaggerResource
 from tagging.score_cache import ImageToScore, score_with_cache
 
 
-def scores_path(paths: ProjectPaths, dataset: str):
+def scores_path(paths: ProjectPaths, dataset: str) -> Path:
     return paths.output_dir(dataset, "tables") / "tag_scores.parquet"
 
 

@@ -17,6 +17,7 @@ from dagster import (
     asset,
 )
 
+from assets.dataset_settings import CaptionSettings
 from assets.metadata import require_file, settings_for, table_md
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
@@ -34,7 +35,7 @@ def captions_path(paths: ProjectPaths, dataset: str) -> Path:
     return paths.output_dir(dataset, "tables") / "captions.parquet"
 
 
-def caption_options(settings, backend: str) -> CaptionOptions:
+def caption_options(settings: CaptionSettings, backend: str) -> CaptionOptions:
     """The dataset's caption settings, with unset thresholds taken from the tagger backend's defaults."""
     defaults = DEFAULT_THRESHOLDS[backend]
     values = settings.model_dump()
