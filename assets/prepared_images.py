@@ -41,7 +41,7 @@ def manifest_path(paths: ProjectPaths, dataset: str) -> Path:
     return paths.output_dir(dataset, "tables") / "prepared_manifest.parquet"
 
 
-def cache_dir(paths: ProjectPaths, dataset: str):
+def cache_dir(paths: ProjectPaths, dataset: str) -> Path:
     """Per dataset, so pruning the entries of deleted images never touches another dataset's."""
     return paths.data_root() / "cache" / STAGE / dataset
 
@@ -121,7 +121,7 @@ def prepared_images(context: AssetExecutionContext, paths: ProjectPaths) -> Mate
                              check_results=_checks(sources, kept, settings, exact))
 
 
-def _sheets(paths: ProjectPaths, dataset: str, out_dir, kept: pd.DataFrame, fingerprint: str) -> dict:
+def _sheets(paths: ProjectPaths, dataset: str, out_dir: Path, kept: pd.DataFrame, fingerprint: str) -> dict:
     """The prepared images, and the sources (their cached thumbnails) with crop boxes; redrawn only when the
     prepared set or its crops changed."""
     folder = paths.output_dir(dataset, "previews")
@@ -142,7 +142,9 @@ def _sheets(paths: ProjectPaths, dataset: str, out_dir, kept: pd.DataFrame, fing
             "crop_boxes": image_md(crops, max_side=768, caption="sources with their crop boxes")}
 
 
-def _checks(sources: pd.DataFrame, kept: pd.DataFrame, settings: PreprocessSettings, exact: int) -> list:
+def _checks(
+    sources: pd.DataFrame, kept: pd.DataFrame, settings: PreprocessSettings, exact: int
+) -> list[AssetCheckResult]:
     considered = len(sources) - exact
     bad = int((sources["status"] == "skipped").sum()) - exact - int(
         sources["reason"].str.startswith("near duplicate").sum())
