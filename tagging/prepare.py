@@ -169,7 +169,7 @@ def _entries(
             entries[sha] = entry
     total = len(missing)
     count = workers if workers > 0 else (os.cpu_count() or 1)
-    if count == 1 or total <= 1:
+    if count == 1 or total < 2 * count:  # too few to repay starting the worker processes
         for done, (sha, path) in enumerate(missing.items(), start=1):
             entries[sha] = build_entry(str(path), options, str(entry_dir(cache_dir, fingerprint, sha)))
             if progress:
