@@ -143,7 +143,8 @@ def build_captions(
     if missing:
         raise ValueError(f"score table lacks the columns {missing}; expected image, tag, category, score")
     image_codes, image_names = pd.factorize(scores["image"], sort=False)
-    names = list(image_names) + [name for name in (images or ()) if name not in set(image_names)]
+    seen = set(image_names)
+    names = [str(name) for name in image_names] + [name for name in (images or ()) if name not in seen]
     tag_codes, vocabulary = pd.factorize(scores["tag"], sort=False)
     category = scores["category"].to_numpy()
     score = scores["score"].to_numpy(dtype=np.float32)
