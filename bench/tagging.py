@@ -1,6 +1,7 @@
 """Tagging benchmark: does `tag_scores` keep the model busy, and is a caption-setting change free?
 
-Run: `PYTHONPATH=. .venv/bin/python bench/tagging.py [--images 1000] [--side 448] [--cached 10000]`
+Run from the project root: `PYTHONPATH=. .venv/bin/python -m bench.tagging [--images 1000] [--side 448] [--cached 10000]`
+(as a module: run as a script, this file would shadow the `tagging` package)
 
 It builds, in a temporary folder, a CPU-sized WD14-contract tagger (a small random-weight CNN exported with
 torch.onnx at `--side` px, dynamic batch, 1,000 tags) and `--images` JPEGs, then reports:

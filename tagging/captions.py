@@ -142,15 +142,15 @@ def build_captions(
     missing = [column for column in ("image", "tag", "category", "score") if column not in scores.columns]
     if missing:
         raise ValueError(f"score table lacks the columns {missing}; expected image, tag, category, score")
-    image_codes, image_names = pd.factorize(scores["image"], sort=False)
+    image_codes, image_names = _codes(scores["image"])
     seen = set(image_names)
-    names = [str(name) for name in image_names] + [name for name in (images or ()) if name not in seen]
-    tag_codes, vocabulary = pd.factorize(scores["tag"], sort=False)
+    names = list(image_names) + [name for name in (images or ()) if name not in seen]
+    tag_codes, vocabulary = _codes(scores["tag"])
     category = scores["category"].to_numpy()
     score = scores["score"].to_numpy(dtype=np.float32)
 
-    vocab = _Vocabulary.build([str(tag) for tag in vocabulary], options)
     keep = _above_thresholds(image_codes, category, score, options)
+    vocab = _Vocabulary.build(vocabulary, np.unique(tag_codes[keep]), options)
     keep &= ~vocab.blocked[tag_codes] | (category == RATING_CATEGORY)
     rows = np.flatnonzero(keep)
     rows = _one_row_per_output(rows, image_codes, vocab.output_code[tag_codes], score)
@@ -182,35 +182,46 @@ class _Vocabulary:
     plain_outputs: tuple[str, ...]
 
     @classmethod
-    def build(cls, tags: list[str], options: CaptionOptions) -> _Vocabulary:
+    def build(cls, vocabulary: list[str], used: np.ndarray, options: CaptionOptions) -> _Vocabulary:
+        """Decisions for the `used` tag codes only (those above a threshold somewhere): a 10,000-tag model
+        rarely has more than a few thousand of them in a dataset."""
         excluded = {_plain(entry) for entry in options.exclude_tags}
         patterns = [re.compile(pattern) for pattern in options.exclude_regex]
         replacements = {_plain(source): target for source, target in options.replace_tags.items()}
         first = {_plain(entry): rank for rank, entry in reversed(list(enumerate(options.always_first)))}
-        plain = [_plain(tag) for tag in tags]
-        spelled = []
-        blocked = np.zeros(len(tags), dtype=bool)
-        for index, (tag, key) in enumerate(zip(tags, plain)):
+        needs_plain = bool(excluded or patterns or replacements or first)
+        blocked = np.zeros(len(vocabulary), dtype=bool)
+        first_rank = np.full(len(vocabulary), len(first), dtype=np.int64)
+        spelled: list[str] = []
+        for code in used.tolist():
+            tag = vocabulary[code]
+            key = _plain(tag) if needs_plain else tag
             target = replacements.get(key)
             if target is not None and not target.strip():
-                blocked[index] = True
-            spelled.append(format_tag(_UNESCAPE.sub(r"\1", target.strip()) if target else tag, options))
+                blocked[code] = True
+            text = format_tag(_UNESCAPE.sub(r"\1", target.strip()) if target else tag, options)
+            spelled.append(text)
             if key in excluded or any(pattern.fullmatch(key) for pattern in patterns):
-                blocked[index] = True
-        output_code, outputs = pd.factorize(pd.Series(spelled, dtype=object), sort=False)
+                blocked[code] = True
+            if first:
+                first_rank[code] = first.get(_plain(text), first.get(key, len(first)))
+        local_code, outputs = pd.factorize(pd.Series(spelled, dtype=object), sort=False)
+        output_code = np.zeros(len(vocabulary), dtype=np.int64)
+        output_code[used] = local_code
         outputs = np.asarray(outputs, dtype=object)
-        first_rank = np.array([first.get(_plain(spelled[i]), first.get(key, len(first))) for i, key in enumerate(plain)],
-                              dtype=np.int64)
         alpha_rank = np.empty(len(outputs), dtype=np.int64)
         alpha_rank[np.argsort(outputs.astype(str), kind="stable")] = np.arange(len(outputs))
-        return cls(
-            output_code=output_code.astype(np.int64),
-            outputs=outputs,
-            blocked=blocked,
-            first_rank=first_rank,
-            alpha_rank=alpha_rank,
-            plain_outputs=tuple(_plain(str(text)) for text in outputs),
-        )
+        plain_outputs = tuple(_plain(str(text)) for text in outputs) if options.subject_tags else ()
+        return cls(output_code=output_code, outputs=outputs, blocked=blocked, first_rank=first_rank,
+                   alpha_rank=alpha_rank, plain_outputs=plain_outputs)
+
+
+def _codes(column: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Integer codes and their names; free for the categorical columns tag_scores writes."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return column.cat.codes.to_numpy().astype(np.int64), column.cat.categories.to_numpy(dtype=object).tolist()
+    codes, uniques = pd.factorize(column, sort=False)
+    return codes.astype(np.int64), pd.Index(uniques).to_numpy(dtype=object).tolist()
 
 
 def _above_thresholds(image: np.ndarray, category: np.ndarray, score: np.ndarray, options: CaptionOptions) -> np.ndarray:
@@ -271,7 +282,7 @@ def _one_row_per_output(rows: np.ndarray, image: np.ndarray, output: np.ndarray,
 def _subject_features(frequency: np.ndarray, images: int, vocab: _Vocabulary, options: CaptionOptions) -> np.ndarray:
     """Output codes to drop because they describe the subject itself (the seeds' rule for [filewords])."""
     listed = {_plain(entry) for entry in options.subject_tags}
-    drop = np.array([text in listed for text in vocab.plain_outputs], dtype=bool)
+    drop = np.array([text in listed for text in vocab.plain_outputs] or [False] * len(vocab.outputs), dtype=bool)
     if options.drop_frequent_above is not None and images:
         always = np.zeros(len(vocab.outputs), dtype=bool)
         always[vocab.output_code[vocab.first_rank < len(options.always_first)]] = True
@@ -306,13 +317,14 @@ def _groups(category: np.ndarray, first_rank: np.ndarray, options: CaptionOption
 def _assemble(names: list[str], owner: np.ndarray, texts: np.ndarray, scores: np.ndarray, group: np.ndarray,
               existing: Mapping[str, str], options: CaptionOptions) -> pd.DataFrame:
     """Join the sorted rows into one caption per image (the only per-image Python loop)."""
-    bounds = np.searchsorted(owner, np.arange(len(names) + 1))
-    fixed = np.cumsum(np.isin(group, (_FIRST, _RATING_FIRST)))
-    records = []
+    bounds = np.searchsorted(owner, np.arange(len(names) + 1)).tolist()
+    fixed = [0, *np.cumsum(np.isin(group, (_FIRST, _RATING_FIRST))).tolist()]
+    texts, scores = texts.tolist(), scores.tolist()  # slicing lists beats slicing arrays 10,000 times
+    captions, tag_lists, score_lists, counts, keeps = [], [], [], [], []
     for index, name in enumerate(names):
         start, stop = bounds[index], bounds[index + 1]
-        tags, values = texts[start:stop].tolist(), scores[start:stop].tolist()
-        kept = int(fixed[stop - 1] - (fixed[start - 1] if start else 0)) if stop > start else 0
+        tags, values = texts[start:stop], scores[start:stop]
+        kept = fixed[stop] - fixed[start]
         text, tokens = options.separator.join(tags), len(tags)
         sidecar = (existing.get(name) or "").strip()
         if sidecar and options.existing_caption == "replace":
@@ -322,9 +334,22 @@ def _assemble(names: list[str], owner: np.ndarray, texts: np.ndarray, scores: np
         elif sidecar and options.existing_caption == "append":
             text, tokens = options.separator.join([*tags, sidecar]), tokens + 1
         keep = min(kept + options.keep_tokens, tokens)
-        records.append((name, text, tags, values, len(tags), keep))
-    frame = pd.DataFrame.from_records(records, columns=list(CAPTION_COLUMNS))
-    return frame.astype({"tag_count": "int64", "keep_tokens": "int64"})
+        captions.append(text)
+        tag_lists.append(tags)
+        score_lists.append(values)
+        counts.append(len(tags))
+        keeps.append(keep)
+    return pd.DataFrame(
+        {
+            "image": pd.Series(names, dtype=object),
+            "caption": pd.Series(captions, dtype=object),
+            "tags": pd.Series(tag_lists, dtype=object),
+            "scores": pd.Series(score_lists, dtype=object),
+            "tag_count": np.array(counts, dtype=np.int64),
+            "keep_tokens": np.array(keeps, dtype=np.int64),
+        },
+        columns=list(CAPTION_COLUMNS),
+    )
 
 
 def _frequency_table(outputs: np.ndarray, frequency: np.ndarray, drop: np.ndarray, images: int) -> pd.DataFrame:
