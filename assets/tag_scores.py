@@ -4,7 +4,7 @@
 from pathlib import Path
 
 import pandas as pd
-from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, Failure, DataVersion, MaterializeResult, MetadataValue, asset
 
 from assets.metadata import require_file, settings_for, status_counts, table_md
 from assets.observations import settings_assets
@@ -14,6 +14,7 @@ from common.atomic import write_parquet
 from common.hashing import file_sha256
 from resources import ProjectPaths, TaggerResource
 from tagging.score_cache import ImageToScore, ScoreStore, score_with_cache
+from tagging.wd14 import TaggerModelError
 
 
 def scores_path(paths: ProjectPaths, dataset: str) -> Path:
@@ -45,7 +46,10 @@ def tag_scores(context: AssetExecutionContext, paths: ProjectPaths, tagger: Tagg
     dataset = context.partition_key
     settings = settings_for(paths, dataset).tagging
     # The model loads (and a bad folder fails) before any image is read.
-    model = tagger.load(settings.tagger, settings.model)
+    try:
+        model = tagger.load(settings.tagger, settings.model)
+    except TaggerModelError as error:
+        raise Failure(description=str(error)) from error
     context.log.info(f"tagger {settings.tagger} from {model.model_dir} on {model.provider}")
     manifest = kept_rows(pd.read_parquet(require_file(manifest_path(paths, dataset), PREPARED)))
     images = [
