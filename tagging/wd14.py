@@ -149,6 +149,8 @@ def _read_tags(tags_path: Path) -> list[Tag]:
 def open_onnx_session(model_path: Path, *, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or os.cpu_count() or 1
+    # Idle inference threads must sleep, not spin: decoding workers need those cores between batches.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if providers is None:
         available = ort.get_available_providers()
         cuda = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
