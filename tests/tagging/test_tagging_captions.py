@@ -200,3 +200,11 @@ def test_subject_features_by_frequency_and_list() -> None:
     listed = build_captions(scores, CaptionOptions(0.35, 0.85, subject_tags=["blue_eyes"], always_first=["solo"],
                                                    drop_frequent_above=0.5))
     assert listed.captions["caption"].tolist() == ["solo, hat", "solo", "solo", ""]
+
+
+def test_an_empty_score_table_still_lists_every_image() -> None:
+    empty = long_scores({})
+    options = CaptionOptions(0.35, 0.85, general_mcut=True, include_rating=True, max_tags=2, drop_frequent_above=0.5)
+    result = build_captions(empty, options, images=["a.png"])
+    assert result.captions["image"].tolist() == ["a.png"] and result.captions["caption"].tolist() == [""]
+    assert result.frequency.empty
