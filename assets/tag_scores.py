@@ -4,12 +4,13 @@
 from pathlib import Path
 
 import pandas as pd
-from dagster import AssetExecutionContext, Failure, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue, asset
 
 from assets.metadata import require_file, settings_for, status_counts, table_md
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
-from assets.prepared_images import STAGE as PREPARED, kept_rows, manifest_path, prepared_images
+from assets.prepared_images import STAGE as PREPARED
+from assets.prepared_images import kept_rows, manifest_path, prepared_images
 from common.atomic import write_parquet
 from common.hashing import file_sha256
 from resources import ProjectPaths, TaggerResource

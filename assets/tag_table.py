@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
@@ -19,12 +18,14 @@ from dagster import (
     MetadataValue,
     asset,
 )
+from PIL import Image
 
 from assets.dataset_settings import CaptionSettings
 from assets.metadata import image_md, require_file, settings_for, table_md
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
-from assets.prepared_images import STAGE as PREPARED, kept_rows, manifest_path
+from assets.prepared_images import STAGE as PREPARED
+from assets.prepared_images import kept_rows, manifest_path
 from assets.tag_scores import scores_path, tag_scores
 from common.atomic import write_parquet, write_text
 from common.hashing import file_sha256

@@ -17,6 +17,7 @@ Ratios (b/a and b/c) come from one run on the same machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ def build_cnn_tagger(folder: Path, *, side: int, tags: int = TAGS, seed: int = 0
             super().__init__()
             widths = [3, 24, 48, 96, 192]
             layers: list[nn.Module] = []
-            for index, (inputs, outputs) in enumerate(zip(widths, widths[1:])):
+            for index, (inputs, outputs) in enumerate(itertools.pairwise(widths)):
                 layers += [nn.Conv2d(inputs, outputs, 3, stride=4 if index == 0 else 2, padding=1), nn.ReLU()]
             self.features = nn.Sequential(*layers)
             self.head = nn.Linear(widths[-1], tags)

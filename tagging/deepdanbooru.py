@@ -155,7 +155,7 @@ def _keras_path(model_dir: Path, project: dict) -> Path:
     raise TaggerModelError(f"tagger folder {model_dir} is missing {stem}.keras or {stem}.h5 (or {ONNX_FILE})")
 
 
-def _load_keras(model_path: Path):  # noqa: ANN202 (a Keras model; TensorFlow is an optional import)
+def _load_keras(model_path: Path) -> object:  # a Keras model; TensorFlow is an optional import
     try:
         import tensorflow as tf
     except ImportError as exc:

@@ -23,7 +23,7 @@ def few(project, embedded_root):
     folder.mkdir(parents=True)
     for image in sorted((embedded_root / "datasets" / "demo").glob("*.png"))[:6]:
         shutil.copy(image, folder / image.name)
-    first = sorted(folder.glob("*.png"))[0]
+    first = min(folder.glob("*.png"))
     first.with_suffix(".txt").write_text("a drawing of pip")
     return defs, paths, first
 
