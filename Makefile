@@ -14,6 +14,8 @@ export DAGSTER_DISABLE_TELEMETRY := 1
 export TRANSFORMERS_VERBOSITY := error
 export PYTHONPATH := $(CURDIR)
 
+EXTRA_STAMP := $(VENV)/.extra-$(shell cat requirements-deepdanbooru.txt | sha256sum | cut -c1-12)
+
 .PHONY: setup models demo ui test clean-data
 
 $(STAMP): requirements.txt
@@ -26,6 +28,11 @@ $(STAMP): requirements.txt
 
 setup: $(STAMP)
 
+# The DeepDanbooru install extra (TensorFlow): not needed to run WD14 or ONNX taggers, installed for the tests.
+$(EXTRA_STAMP): $(STAMP) requirements-deepdanbooru.txt
+	$(VENV)/bin/pip install --quiet -r requirements-deepdanbooru.txt
+	rm -f $(VENV)/.extra-* && touch $(EXTRA_STAMP)
+
 models: setup
 	$(PY) -m embedded
 
@@ -35,7 +42,7 @@ demo: models
 ui: models
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-test: setup
+test: setup $(EXTRA_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean-data:

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from common.hashing import json_sha256
+from tagging.captions import KAOMOJI
 
 SETTINGS_FILE = "dataset.yaml"
 
@@ -73,19 +74,42 @@ class PreprocessSettings(_Section):
 
 
 class TaggingSettings(_Section):
-    tagger: Literal["wd14"] = Field("wd14", description="tagger backend")
+    tagger: Literal["wd14", "deepdanbooru"] = Field("wd14", description="tagger backend (deepdanbooru: Keras "
+                                                    "or ONNX project folder; Keras needs requirements-deepdanbooru.txt)")
     model: str | None = Field(None, description="tagger model folder; default: the tagger resource's folder")
-    batch_size: int = Field(8, ge=1, le=1024)
+    batch_size: int = Field(8, ge=1, le=1024, description="images per model call (fixed-batch models use theirs)")
+    score_floor: float = Field(0.01, ge=0, lt=1, description="scores at or below this are not stored")
+    workers: int = Field(0, ge=0, le=64, description="decoding processes beside the model; 0: cores - 1")
 
 
 class CaptionSettings(_Section):
+    """Names follow the webui, kohya's tagger script (`--undesired_tags`, `--always_first_tags`, ...) and
+    SmilingWolf's MCut options; see tagging.captions.CaptionOptions for what each does."""
+
     general_threshold: float | None = Field(None, ge=0, le=1, description="default: the tagger backend's")
     character_threshold: float | None = Field(None, ge=0, le=1, description="default: the tagger backend's")
+    rating_threshold: float = Field(0.0, ge=0, le=1, description="the best rating is used only above this")
+    general_mcut: bool = Field(False, description="automatic per-image general threshold (MCut)")
+    character_mcut: bool = Field(False, description="automatic per-image character threshold (MCut, >= 0.15)")
+    max_tags: int = Field(0, ge=0, description="most confident general/character tags kept per image; 0: all")
     include_rating: bool = False
+    rating_position: Literal["first", "last"] = "first"
+    character_first: bool = Field(False, description="kohya: character tags first")
     replace_underscores: bool = Field(True, description="webui: use spaces for tags")
+    keep_underscore_tags: tuple[str, ...] = Field(KAOMOJI, description="tags whose underscores stay (kaomoji)")
     escape_brackets: bool = Field(True, description="webui: escape (\\) brackets")
     sort_alphabetically: bool = Field(False, description="webui: sort alphabetically; else by confidence")
-    exclude_tags: tuple[str, ...] = ()
+    separator: str = ", "
+    exclude_tags: tuple[str, ...] = Field((), description="kohya: undesired tags (any spelling)")
+    exclude_regex: tuple[str, ...] = Field((), description="undesired tags matching these full patterns")
+    replace_tags: dict[str, str] = Field(default_factory=dict, description="kohya: tag replacement; '' removes")
+    always_first: tuple[str, ...] = Field((), description="kohya: always first tags, when present")
+    keep_tokens: int = Field(0, ge=0, description="kohya: keep tokens (leading tags a shuffle keeps in place)")
+    existing_caption: Literal["ignore", "prepend", "append", "replace"] = Field(
+        "ignore", description="a <image>.txt caption that came with the dataset")
+    drop_frequent_above: float | None = Field(None, ge=0, le=1, description="drop tags in more than this "
+                                              "fraction of images (subject features)")
+    subject_tags: tuple[str, ...] = Field((), description="subject features to drop, listed by hand")
 
 
 class TrainingSettings(_Section):

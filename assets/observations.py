@@ -33,8 +33,11 @@ SETTINGS_ASSETS = {section: f"{section}_settings" for section in SECTIONS}
 
 
 def raw_images_version(dataset_dir: Path) -> str:
-    """Hash of (relative path, content hash) of every image, so renames, edits, additions and deletions count."""
-    return tree_sha256(list_images(dataset_dir), dataset_dir)
+    """Hash of (relative path, content hash) of every image and its `<name>.txt` caption sidecar, so renames,
+    edits, additions and deletions of either count."""
+    images = list_images(dataset_dir)
+    sidecars = [path.with_suffix(".txt") for path in images if path.with_suffix(".txt").is_file()]
+    return tree_sha256(images + sidecars, dataset_dir)
 
 
 def dataset_versions(dataset_dir: Path) -> dict[str, str]:

@@ -29,6 +29,10 @@ class TaggerResource(ConfigurableResource):
     """Local tagger model folders by backend; a dataset may name another folder in its tagging settings."""
 
     wd14_model: str = Field(default="models/tiny-wd14", description="folder with model.onnx + selected_tags.csv")
+    deepdanbooru_model: str = Field(
+        default="models/deepdanbooru",
+        description="DeepDanbooru project folder (project.json, model-*.keras/.h5 or model.onnx, tags.txt)",
+    )
     threads: int = Field(default=0, description="CPU inference threads; 0 = all cores")
 
     def model_dir(self, backend: str, override: str | None = None) -> Path:
@@ -36,9 +40,17 @@ class TaggerResource(ConfigurableResource):
             return resolve(override)
         if backend == "wd14":
             return resolve(self.wd14_model)
-        raise ValueError(f"unknown tagger backend {backend!r}; known: wd14")
+        if backend == "deepdanbooru":
+            return resolve(self.deepdanbooru_model)
+        raise ValueError(f"unknown tagger backend {backend!r}; known: wd14, deepdanbooru")
 
-    def load(self, backend: str, override: str | None = None) -> "tagging.wd14.WD14Tagger":  # noqa: F821
+    def load(self, backend: str, override: str | None = None) -> "tagging.score_cache.Tagger":  # noqa: F821
+        """The loaded model; a bad folder raises TaggerModelError naming the file, before any image is read."""
+        folder = self.model_dir(backend, override)
+        if backend == "deepdanbooru":
+            from tagging.deepdanbooru import DeepDanbooruTagger
+
+            return DeepDanbooruTagger(folder, threads=self.threads or None)
         from tagging.wd14 import WD14Tagger
 
-        return WD14Tagger(self.model_dir(backend, override), threads=self.threads or None)
+        return WD14Tagger(folder, threads=self.threads or None)

@@ -4,6 +4,7 @@ one load through this same code."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,10 +18,12 @@ from PIL import Image
 
 from common.hashing import file_sha256, json_sha256
 from tagging.images import load_rgb
+from tagging.pixels import PixelRecipe, wd14_pixels
 
 MODEL_FILE = "model.onnx"
 TAGS_FILE = "selected_tags.csv"
 TAG_COLUMNS = ("tag_id", "name", "category", "count")
+_log = logging.getLogger(__name__)
 _ORT_LOAD_ERRORS = (
     ort_errors.Fail,
     ort_errors.InvalidArgument,
@@ -57,7 +60,7 @@ class WD14Tagger:
         model_path, tags_path = self.model_dir / MODEL_FILE, self.model_dir / TAGS_FILE
         _require_files(self.model_dir, [model_path, tags_path])
         self.tags: list[Tag] = _read_tags(tags_path)
-        self._session = _open_session(model_path, providers=providers, threads=threads)
+        self._session = open_onnx_session(model_path, providers=providers, threads=threads)
         self.provider: str = self._session.get_providers()[0]
         model_input = self._session.get_inputs()[0]
         self._input_name: str = model_input.name
@@ -66,17 +69,19 @@ class WD14Tagger:
         self._check_output_width(model_path, tags_path)
         self.fingerprint: str = json_sha256([file_sha256(model_path), file_sha256(tags_path)])
 
+    @property
+    def recipe(self) -> PixelRecipe:
+        """This model's preprocessing in a form worker processes can run."""
+        return PixelRecipe(kind="wd14", size=self.input_size)
+
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """(H, W, 3) float32 BGR 0-255, prepared exactly as SmilingWolf's reference code does, because the
-        models were trained on that: centred on a white square, BICUBIC resize, channels reversed."""
-        if image.mode != "RGB":
-            raise ValueError(f"WD14 preprocess expects an RGB image (decode with load_rgb), got mode {image.mode}")
-        side = max(image.size)
-        square = Image.new("RGB", (side, side), (255, 255, 255))
-        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        if side != self.input_size:
-            square = square.resize((self.input_size, self.input_size), Image.Resampling.BICUBIC)
-        return np.ascontiguousarray(np.asarray(square, dtype=np.float32)[:, :, ::-1])
+        """(H, W, 3) float32 BGR 0-255, prepared exactly as SmilingWolf's reference code does (see wd14_pixels),
+        because the models were trained on that."""
+        return wd14_pixels(image, self.input_size).astype(np.float32)
+
+    def close(self) -> None:
+        """Release the inference session (and its GPU memory) as soon as the run is done with it."""
+        self._session = None
 
     def predict(self, arrays: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) -> (N, len(tags)) float32 scores. Fixed-batch (v2-style) models get exactly their batch
@@ -141,19 +146,25 @@ def _read_tags(tags_path: Path) -> list[Tag]:
     return [Tag(name=name, category=int(category)) for name, category in zip(table["name"], categories)]
 
 
-def _open_session(model_path: Path, *, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
+def open_onnx_session(model_path: Path, *, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or os.cpu_count() or 1
+    # Idle inference threads must sleep, not spin: decoding workers need those cores between batches.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if providers is None:
         available = ort.get_available_providers()
         cuda = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
         providers = [*cuda, "CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(str(model_path), sess_options=options, providers=list(providers))
+        session = ort.InferenceSession(str(model_path), sess_options=options, providers=list(providers))
     except _ORT_LOAD_ERRORS as exc:
         raise TaggerModelError(
             f"tagger folder {model_path.parent}: {model_path.name} cannot be loaded by onnxruntime ({exc})"
         ) from exc
+    used = session.get_providers()[0]
+    if providers[0] != used:  # onnxruntime falls back silently; users should hear about it
+        _log.warning("tagger %s asked for %s but runs on %s", model_path, providers[0], used)
+    return session
 
 
 def _input_size(model_path: Path, shape: Sequence[int | str | None]) -> int:

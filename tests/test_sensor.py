@@ -39,6 +39,13 @@ def test_new_folder_then_edits(project):
         edited = _tick(instance, paths, quiet.cursor)
         assert {event.asset_key.to_user_string() for event in edited.asset_events} == {"captions_settings", "raw_images"}
 
+        image.with_suffix(".txt").write_text("a drawing of pip", encoding="utf-8")
+        captioned = _tick(instance, paths, edited.cursor)
+        assert [event.asset_key.to_user_string() for event in captioned.asset_events] == ["raw_images"]
+        image.with_suffix(".txt").write_text("a painting of pip", encoding="utf-8")
+        recaptioned = _tick(instance, paths, captioned.cursor)
+        assert [event.asset_key.to_user_string() for event in recaptioned.asset_events] == ["raw_images"]
+
 
 def test_broken_settings_skip_that_dataset_only(project):
     _, paths = project
