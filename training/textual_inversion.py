@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from PIL import Image, UnidentifiedImageError
 
 from common.atomic import write_text
+from common.hashing import file_sha256, json_sha256
 from training.base_model import BaseModel
 from training.embedding_formats import save_diffusers_embedding, save_webui_pt
+from training.latent_cache import LATENT_SAMPLING_METHODS, latent_distributions, sample_latents
 from training.lr_schedule import parse_schedule
 from training.plots import plot_loss
 from training.prompt_encoding import (
@@ -34,10 +34,12 @@ from training.prompt_encoding import (
     tokenize_with_placeholder,
 )
 from training.templates import NAME_KEYWORD, load_template, render_prompt
+from training.training_state import STATE_FILE, TrainingState, load_state, save_state
 
 # Prompt syntax the webui gives meaning to (emphasis, weights, tag separators) cannot be part of a name.
 _NAME_PATTERN = re.compile(r"[^\s,()\[\]{}:]+")
-_LATENT_BATCH = 4
+# How often the resumable state is saved when no checkpoint cadence is set: a crash loses at most this many steps.
+DEFAULT_STATE_EVERY = 50
 
 
 class TrainingDivergedError(RuntimeError):
@@ -59,6 +61,8 @@ class TextualInversionSettings:
     save_every: int = 0  # write a checkpoint embedding every N steps (0 = only the final one)
     shuffle_tags: bool = False
     tag_dropout: float = 0.0
+    latent_sampling_method: str = "once"  # webui: once | deterministic | random
+    resume: bool = True  # continue from a saved state of the same run (same settings, images, base model)
 
     def __post_init__(self) -> None:
         if not _NAME_PATTERN.fullmatch(self.name):
@@ -77,6 +81,11 @@ class TextualInversionSettings:
                 raise ValueError(f"{key} must be {bound}, got {value}")
         if not 0.0 <= self.tag_dropout < 1.0:
             raise ValueError(f"tag_dropout must be in [0, 1), got {self.tag_dropout}")
+        if self.latent_sampling_method not in LATENT_SAMPLING_METHODS:
+            raise ValueError(
+                f"latent_sampling_method must be one of {', '.join(LATENT_SAMPLING_METHODS)}, "
+                f"got {self.latent_sampling_method!r}"
+            )
         parse_schedule(self.learning_rate, self.max_steps)
 
 
@@ -92,37 +101,8 @@ class TrainingResult:
     steps: int
     losses: list[float]  # one per optimizer step (mean over its micro-batches)
     files: dict[str, Path] = field(default_factory=dict)  # "webui_pt", "diffusers", "loss_csv", "loss_png", checkpoints
-
-
-def load_training_image(path: Path, multiple: int) -> torch.Tensor:
-    """(3, S, S) in [-1, 1], the VAE's input range; bad files fail here with the file named."""
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{path}: cannot read the training image ({error})") from error
-    if rgb.width != rgb.height or rgb.width % multiple:
-        raise ValueError(f"{path}: training images must be square with a side divisible by {multiple}, got {rgb.size}")
-    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)
-    return pixels / 127.5 - 1.0
-
-
-@torch.no_grad()
-def encode_latents(base: BaseModel, examples: Sequence[TrainingExample], generator: torch.Generator) -> torch.Tensor:
-    """The webui's "once" latent sampling: one draw from each image's latent distribution, reused every epoch."""
-    side = None
-    latents = []
-    for start in range(0, len(examples), _LATENT_BATCH):
-        chunk = examples[start : start + _LATENT_BATCH]
-        images = [load_training_image(Path(example.image_path), base.vae_scale_factor) for example in chunk]
-        for example, image in zip(chunk, images):
-            side = side or image.shape[-1]
-            if image.shape[-1] != side:
-                raise ValueError(f"{example.image_path}: all training images must be {side}x{side}, got {image.shape[-1]}")
-        pixels = torch.stack(images).to(device=base.device, dtype=base.dtype)
-        distribution = base.vae.encode(pixels).latent_dist
-        latents.append(distribution.sample(generator=generator) * base.vae.config.scaling_factor)
-    return torch.cat(latents)
+    resumed_from: int = 0  # the step a saved state was resumed at (0: a fresh run)
+    images_encoded: int = 0  # images the VAE encoded (latent cache misses)
 
 
 def caption_for_step(filewords: str, settings: TextualInversionSettings, generator: torch.Generator) -> str:
@@ -138,12 +118,33 @@ def caption_for_step(filewords: str, settings: TextualInversionSettings, generat
     return ", ".join(tags)
 
 
-def sample_batches(n_examples: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
-    """Epochs of shuffled indices cut into full batches; an epoch's remainder is dropped, as the webui does."""
-    while True:
-        order = torch.randperm(n_examples, generator=generator).tolist()
-        for start in range(0, n_examples - batch_size + 1, batch_size):
-            yield order[start : start + batch_size]
+class EpochSampler:
+    """Epochs of shuffled indices cut into full batches; an epoch's remainder is dropped, as the webui does.
+
+    An object rather than a generator function so its position can be saved and restored with a checkpoint.
+    """
+
+    def __init__(self, n_examples: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n_examples, self.batch_size, self.generator = n_examples, batch_size, generator
+        self.order: list[int] = []
+        self.position = 0
+
+    def __iter__(self) -> EpochSampler:
+        return self
+
+    def __next__(self) -> list[int]:
+        if self.position + self.batch_size > len(self.order):
+            self.order = torch.randperm(self.n_examples, generator=self.generator).tolist()
+            self.position = 0
+        batch = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict[str, object]:
+        return {"order": list(self.order), "position": self.position}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.order, self.position = list(state["order"]), int(state["position"])
 
 
 def training_template(settings: TextualInversionSettings) -> list[str]:
@@ -212,11 +213,22 @@ class _Trainer:
     settings: TextualInversionSettings
     lines: list[str]
     examples: Sequence[TrainingExample]
-    latents: torch.Tensor
+    latent_mean: torch.Tensor  # (N, C, h, w) float32 on CPU, from the latent cache
+    latent_std: torch.Tensor
+    latents: torch.Tensor | None  # fixed latents for "once" and "deterministic"; None for "random"
     scheduler: DDPMScheduler
     vectors: torch.nn.Parameter
     generator: torch.Generator
-    batches: Iterator[list[int]]
+    batches: EpochSampler
+    encoded: int  # images the VAE encoded in this run (cache misses)
+
+    def latents_for(self, indices: list[int]) -> torch.Tensor:
+        """The batch's latents on the device; "random" draws a fresh sample from each image's distribution."""
+        if self.latents is not None:
+            latents = self.latents[indices]
+        else:
+            latents = sample_latents(self.latent_mean[indices], self.latent_std[indices], self.generator)
+        return latents.to(device=self.base.device, dtype=self.base.dtype)
 
     def prompts_for(self, indices: list[int]) -> PlaceholderPrompts:
         prompts = []
@@ -227,7 +239,7 @@ class _Trainer:
         return tokenize_with_placeholder(self.base.tokenizer, prompts, self.settings.name, self.settings.vectors_per_token)
 
     def micro_batch_loss(self, indices: list[int]) -> torch.Tensor:
-        latents = self.latents[indices]
+        latents = self.latents_for(indices)
         noise = torch.randn(latents.shape, generator=self.generator).to(device=latents.device, dtype=latents.dtype)
         timesteps = torch.randint(self.scheduler.config.num_train_timesteps, (len(indices),), generator=self.generator)
         timesteps = timesteps.to(latents.device)
@@ -276,7 +288,19 @@ def write_loss_csv(path: Path, losses: list[float], rates: list[float]) -> Path:
     return write_text(path, "\n".join(["step,loss,learning_rate", *rows]) + "\n")
 
 
-def _start(base: BaseModel, examples: Sequence[TrainingExample], settings: TextualInversionSettings) -> _Trainer:
+def run_key(base: BaseModel, examples: Sequence[TrainingExample], settings: TextualInversionSettings) -> str:
+    """What makes two runs the same run: a saved state resumes only under the same key.
+
+    Checkpoint cadence and the resume switch do not change the trained vectors, so they are left out.
+    """
+    defining = {key: value for key, value in vars(settings).items() if key not in ("save_every", "resume")}
+    images = [[str(example.image_path), file_sha256(example.image_path), example.filewords] for example in examples]
+    return json_sha256({"settings": defining, "images": images, "base_model": base.fingerprint})
+
+
+def _start(
+    base: BaseModel, examples: Sequence[TrainingExample], settings: TextualInversionSettings, latent_cache: Path | None
+) -> _Trainer:
     if not examples:
         raise ValueError("textual inversion needs at least one training example")
     if settings.batch_size > len(examples):
@@ -286,19 +310,25 @@ def _start(base: BaseModel, examples: Sequence[TrainingExample], settings: Textu
     lines = training_template(settings)
     check_prompts_fit(base, examples, lines, settings)
     _freeze(base)
+    mean, std, encoded = latent_distributions(
+        base.vae, [Path(example.image_path) for example in examples], base.vae_scale_factor, latent_cache
+    )
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-    latents = encode_latents(base, examples, generator)
+    fixed = {"once": lambda: sample_latents(mean, std, generator), "deterministic": lambda: mean, "random": lambda: None}
     start = initial_vectors(base.tokenizer, base.text_encoder, settings.initialization_text, settings.vectors_per_token)
     return _Trainer(
         base=base,
         settings=settings,
         lines=lines,
         examples=examples,
-        latents=latents,
+        latent_mean=mean,
+        latent_std=std,
+        latents=fixed[settings.latent_sampling_method](),
         scheduler=scheduler,
         vectors=torch.nn.Parameter(start.to(base.device)),
         generator=generator,
-        batches=sample_batches(len(examples), settings.batch_size, generator),
+        batches=EpochSampler(len(examples), settings.batch_size, generator),
+        encoded=encoded,
     )
 
 
@@ -327,43 +357,105 @@ def _optimizer_step(
     return total / micro_batches
 
 
+@dataclass
+class _Progress:
+    """What a run has done so far; restored from a saved state on resume."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def _capture(
+    trainer: _Trainer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, progress: _Progress, key: str
+) -> TrainingState:
+    return TrainingState(
+        run_key=key,
+        step=progress.step,
+        vectors=trainer.vectors.detach().to("cpu", torch.float32),
+        optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict(),
+        generator=trainer.generator.get_state(),
+        sampler=trainer.batches.state_dict(),
+        losses=progress.losses,
+        rates=progress.rates,
+    )
+
+
+def _restore(
+    trainer: _Trainer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, state: TrainingState
+) -> _Progress:
+    with torch.no_grad():
+        trainer.vectors.copy_(state.vectors.to(trainer.vectors.device))
+    optimizer.load_state_dict(state.optimizer)
+    if state.scaler:
+        scaler.load_state_dict(state.scaler)
+    trainer.generator.set_state(state.generator)
+    trainer.batches.load_state_dict(state.sampler)
+    return _Progress(step=state.step, losses=list(state.losses), rates=list(state.rates), resumed_from=state.step)
+
+
+def _save_checkpoint(trainer: _Trainer, step: int, out_dir: Path, files: dict[str, Path]) -> None:
+    stem = out_dir / "checkpoints" / f"{trainer.settings.name}-{step}"
+    pt_path, safetensors_path = stem.with_suffix(".pt"), stem.with_suffix(".safetensors")
+    _save_embedding_pair(trainer.base, trainer.settings, trainer.vectors, step, pt_path, safetensors_path)
+    files[f"checkpoint_{step}_webui_pt"] = pt_path
+    files[f"checkpoint_{step}_diffusers"] = safetensors_path
+
+
 def train_textual_inversion(
     base: BaseModel,
     examples: Sequence[TrainingExample],
     settings: TextualInversionSettings,
     out_dir: Path,
     progress: Callable[[int, float], None] | None = None,
+    latent_cache: Path | None = None,
 ) -> TrainingResult:
     """Train, writing `<name>.pt`, `learned_embeds.safetensors`, `loss.csv`, `loss.png` (and checkpoints) atomically.
 
     Runs until the learning-rate schedule ends (max_steps, or earlier if the schedule says so, as in the webui).
+    The full state goes to `checkpoints/training_state.pt` with every checkpoint (every DEFAULT_STATE_EVERY
+    steps when save_every is 0); a later call for the same run continues from it unless `resume` is off.
     """
     out_dir = Path(out_dir)
     schedule = parse_schedule(settings.learning_rate, settings.max_steps)
-    trainer = _start(base, examples, settings)
+    trainer = _start(base, examples, settings, latent_cache)
     optimizer = torch.optim.AdamW([trainer.vectors], lr=schedule.rate_at(1), weight_decay=0.0)
     scaler = torch.amp.GradScaler(base.device.type, enabled=uses_mixed_precision(base))
+    key = run_key(base, examples, settings)
+    state_path = out_dir / "checkpoints" / STATE_FILE
+    saved = load_state(state_path, key) if settings.resume else None
+    done = _restore(trainer, optimizer, scaler, saved) if saved is not None else _Progress()
+    state_every = settings.save_every or DEFAULT_STATE_EVERY
     files: dict[str, Path] = {}
-    losses: list[float] = []
-    rates: list[float] = []
     with torch.enable_grad():
-        for step in range(1, schedule.end_step + 1):
+        for step in range(done.step + 1, schedule.end_step + 1):
             rate = schedule.rate_at(step)
-            losses.append(_optimizer_step(trainer, optimizer, scaler, step, rate))
-            rates.append(rate)
+            loss = _optimizer_step(trainer, optimizer, scaler, step, rate)
+            done.step = step
+            done.losses.append(loss)
+            done.rates.append(rate)
             if settings.save_every and step % settings.save_every == 0:
-                stem = out_dir / "checkpoints" / f"{settings.name}-{step}"
-                pt_path, safetensors_path = stem.with_suffix(".pt"), stem.with_suffix(".safetensors")
-                _save_embedding_pair(base, settings, trainer.vectors, step, pt_path, safetensors_path)
-                files[f"checkpoint_{step}_webui_pt"] = pt_path
-                files[f"checkpoint_{step}_diffusers"] = safetensors_path
+                _save_checkpoint(trainer, step, out_dir, files)
+            if step % state_every == 0 and step < schedule.end_step:
+                save_state(state_path, _capture(trainer, optimizer, scaler, done, key))
             if progress is not None:
-                progress(step, losses[-1])
+                progress(step, loss)
+    if settings.save_every:  # checkpoints written before a resume are still this run's
+        for step in range(settings.save_every, done.resumed_from + 1, settings.save_every):
+            stem = out_dir / "checkpoints" / f"{settings.name}-{step}"
+            files[f"checkpoint_{step}_webui_pt"] = stem.with_suffix(".pt")
+            files[f"checkpoint_{step}_diffusers"] = stem.with_suffix(".safetensors")
     vectors = trainer.vectors.detach().to(device="cpu", dtype=torch.float32).clone()
     steps = schedule.end_step
     files["webui_pt"] = out_dir / f"{settings.name}.pt"
     files["diffusers"] = out_dir / "learned_embeds.safetensors"
     _save_embedding_pair(base, settings, vectors, steps, files["webui_pt"], files["diffusers"])
-    files["loss_csv"] = write_loss_csv(out_dir / "loss.csv", losses, rates)
+    files["loss_csv"] = write_loss_csv(out_dir / "loss.csv", done.losses, done.rates)
     files["loss_png"] = plot_loss(files["loss_csv"], out_dir / "loss.png", f"textual inversion: {settings.name}")
-    return TrainingResult(vectors=vectors, steps=steps, losses=losses, files=files)
+    state_path.unlink(missing_ok=True)  # finished: the final embedding is the result, nothing to resume
+    return TrainingResult(
+        vectors=vectors, steps=steps, losses=done.losses, files=files,
+        resumed_from=done.resumed_from, images_encoded=trainer.encoded,
+    )  # fmt: skip

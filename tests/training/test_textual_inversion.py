@@ -18,7 +18,7 @@ from training.textual_inversion import (
     TrainingDivergedError,
     TrainingExample,
     caption_for_step,
-    sample_batches,
+    EpochSampler,
     train_textual_inversion,
 )
 
@@ -134,8 +134,12 @@ def test_divergence_stops_with_the_step_and_writes_no_bad_embedding(tiny_base: B
     with pytest.raises(TrainingDivergedError, match=r"diverged at step \d+: .*lower learning rate"):
         train_textual_inversion(tiny_base, subject_examples[:4], run, tmp_path)
     assert not (tmp_path / "mycat.pt").exists() and not (tmp_path / "learned_embeds.safetensors").exists()
-    for checkpoint in tmp_path.glob("checkpoints/*"):
+    checkpoints = sorted(tmp_path.glob("checkpoints/mycat-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    for checkpoint in checkpoints:
         assert torch.isfinite(load_embedding(checkpoint)[1]).all()
+    state = torch.load(tmp_path / "checkpoints" / "training_state.pt", weights_only=True)
+    assert torch.isfinite(state["vectors"]).all()  # the last finite state survives for inspection
+    assert state["step"] == int(checkpoints[-1].stem.split("-")[1])
 
 
 def test_an_infinite_loss_is_caught_before_the_update(tiny_base: BaseModel, subject_examples, tmp_path: Path, monkeypatch) -> None:
@@ -204,7 +208,7 @@ def test_caption_augmentation_is_seeded_and_off_by_default() -> None:
 
 
 def test_batches_cover_each_epoch_once_and_drop_the_remainder() -> None:
-    batches = sample_batches(5, 2, torch.Generator().manual_seed(0))
+    batches = EpochSampler(5, 2, torch.Generator().manual_seed(0))
     epoch = [next(batches) for _ in range(2)]
     assert all(len(batch) == 2 for batch in epoch)
     assert len(set(epoch[0] + epoch[1])) == 4
