@@ -38,6 +38,7 @@ from training.training_state import STATE_FILE, TrainingState, load_state, save_
 
 # Prompt syntax the webui gives meaning to (emphasis, weights, tag separators) cannot be part of a name.
 _NAME_PATTERN = re.compile(r"[^\s,()\[\]{}:]+")
+CLIP_GRAD_MODES = ("disabled", "value", "norm")
 # How often the resumable state is saved when no checkpoint cadence is set: a crash loses at most this many steps.
 DEFAULT_STATE_EVERY = 50
 
@@ -61,6 +62,9 @@ class TextualInversionSettings:
     save_every: int = 0  # write a checkpoint embedding every N steps (0 = only the final one)
     shuffle_tags: bool = False
     tag_dropout: float = 0.0
+    keep_tokens: int = 0  # kohya's name: the first N tags stay first and are never dropped (e.g. a trigger word)
+    clip_grad_mode: str = "disabled"  # webui: disabled | value | norm
+    clip_grad_value: str = "0.1"  # a number or a schedule in the learning-rate syntax
     latent_sampling_method: str = "once"  # webui: once | deterministic | random
     resume: bool = True  # continue from a saved state of the same run (same settings, images, base model)
 
@@ -74,6 +78,7 @@ class TextualInversionSettings:
             "max_steps": (self.max_steps, 1, None),
             "clip_skip": (self.clip_skip, 1, None),
             "save_every": (self.save_every, 0, None),
+            "keep_tokens": (self.keep_tokens, 0, None),
         }
         for key, (value, low, high) in limits.items():
             if value < low or (high is not None and value > high):
@@ -81,6 +86,13 @@ class TextualInversionSettings:
                 raise ValueError(f"{key} must be {bound}, got {value}")
         if not 0.0 <= self.tag_dropout < 1.0:
             raise ValueError(f"tag_dropout must be in [0, 1), got {self.tag_dropout}")
+        if self.clip_grad_mode not in CLIP_GRAD_MODES:
+            raise ValueError(f"clip_grad_mode must be one of {', '.join(CLIP_GRAD_MODES)}, got {self.clip_grad_mode!r}")
+        if self.clip_grad_mode != "disabled":
+            try:
+                parse_schedule(self.clip_grad_value, self.max_steps)
+            except ValueError as error:
+                raise ValueError(f"clip_grad_value: {error}".replace("learning rate ", "")) from error
         if self.latent_sampling_method not in LATENT_SAMPLING_METHODS:
             raise ValueError(
                 f"latent_sampling_method must be one of {', '.join(LATENT_SAMPLING_METHODS)}, "
@@ -106,16 +118,29 @@ class TrainingResult:
 
 
 def caption_for_step(filewords: str, settings: TextualInversionSettings, generator: torch.Generator) -> str:
-    """Tag dropout and shuffling, the webui's caption augmentation, with our generator instead of `random`."""
+    """Tag dropout and shuffling, the webui's caption augmentation, with our generator instead of `random`.
+
+    The first keep_tokens tags are left alone, as kohya does, so a trigger word or the character's name
+    stays at the front of every caption.
+    """
     if not settings.shuffle_tags and settings.tag_dropout == 0:
         return filewords
     tags = [tag.strip() for tag in filewords.split(",") if tag.strip()]
+    fixed, tags = tags[: settings.keep_tokens], tags[settings.keep_tokens :]
     if settings.tag_dropout > 0:
         keep = torch.rand(len(tags), generator=generator) >= settings.tag_dropout
         tags = [tag for tag, kept in zip(tags, keep.tolist()) if kept]
     if settings.shuffle_tags:
         tags = [tags[i] for i in torch.randperm(len(tags), generator=generator).tolist()]
-    return ", ".join(tags)
+    return ", ".join(fixed + tags)
+
+
+def clip_gradients(vectors: torch.nn.Parameter, mode: str, limit: float) -> None:
+    """The webui's gradient clipping: each component to [-limit, limit] ("value") or the whole norm ("norm")."""
+    if mode == "value":
+        torch.nn.utils.clip_grad_value_([vectors], limit)
+    elif mode == "norm":
+        torch.nn.utils.clip_grad_norm_([vectors], limit)
 
 
 class EpochSampler:
@@ -288,6 +313,14 @@ def write_loss_csv(path: Path, losses: list[float], rates: list[float]) -> Path:
     return write_text(path, "\n".join(["step,loss,learning_rate", *rows]) + "\n")
 
 
+def clip_limits(settings: TextualInversionSettings) -> Callable[[int], float | None]:
+    """step -> clipping limit (None when disabled); a schedule that ends early keeps its last value, as in the webui."""
+    if settings.clip_grad_mode == "disabled":
+        return lambda step: None
+    schedule = parse_schedule(settings.clip_grad_value, settings.max_steps)
+    return lambda step: schedule.rate_at(min(step, schedule.end_step))
+
+
 def run_key(base: BaseModel, examples: Sequence[TrainingExample], settings: TextualInversionSettings) -> str:
     """What makes two runs the same run: a saved state resumes only under the same key.
 
@@ -333,9 +366,14 @@ def _start(
 
 
 def _optimizer_step(
-    trainer: _Trainer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, step: int, rate: float
+    trainer: _Trainer,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    step: int,
+    rate: float,
+    clip_limit: float | None = None,
 ) -> float:
-    """One webui step: accumulate gradients over the micro-batches, then update; returns their mean loss.
+    """One webui step: accumulate gradients over the micro-batches, (clip,) then update; returns their mean loss.
 
     The scaler keeps half-precision gradients from underflowing; when disabled it is a pass-through.
     """
@@ -350,6 +388,9 @@ def _optimizer_step(
             raise _diverged(step, f"the loss is {loss.item()}", rate)
         scaler.scale(loss / micro_batches).backward()
         total += loss.item()
+    if clip_limit is not None:
+        scaler.unscale_(optimizer)  # clip the true gradient, not the loss-scaled one
+        clip_gradients(trainer.vectors, trainer.settings.clip_grad_mode, clip_limit)
     scaler.step(optimizer)
     scaler.update()
     if not torch.isfinite(trainer.vectors).all():
@@ -428,11 +469,12 @@ def train_textual_inversion(
     saved = load_state(state_path, key) if settings.resume else None
     done = _restore(trainer, optimizer, scaler, saved) if saved is not None else _Progress()
     state_every = settings.save_every or DEFAULT_STATE_EVERY
+    clip_schedule = clip_limits(settings)
     files: dict[str, Path] = {}
     with torch.enable_grad():
         for step in range(done.step + 1, schedule.end_step + 1):
             rate = schedule.rate_at(step)
-            loss = _optimizer_step(trainer, optimizer, scaler, step, rate)
+            loss = _optimizer_step(trainer, optimizer, scaler, step, rate, clip_schedule(step))
             done.step = step
             done.losses.append(loss)
             done.rates.append(rate)

@@ -214,3 +214,37 @@ def test_batches_cover_each_epoch_once_and_drop_the_remainder() -> None:
     assert len(set(epoch[0] + epoch[1])) == 4
     assert all(len(next(batches)) == 2 for _ in range(10))
 
+
+
+def test_keep_tokens_hold_the_first_tags_in_place() -> None:
+    caption = "trigger, red, round, simple background, solo, flat"
+    for seed in range(8):
+        run = settings(shuffle_tags=True, tag_dropout=0.5, keep_tokens=1)
+        assert caption_for_step(caption, run, torch.Generator().manual_seed(seed)).startswith("trigger")
+    unkept = [caption_for_step(caption, settings(shuffle_tags=True), torch.Generator().manual_seed(s)) for s in range(8)]
+    assert not all(text.startswith("trigger") for text in unkept)
+
+
+def test_gradient_clipping_follows_its_schedule(tiny_base: BaseModel, subject_examples, tmp_path: Path, monkeypatch) -> None:
+    norms: list[float] = []
+    original = textual_inversion.clip_gradients
+
+    def record(vectors, mode, limit):
+        original(vectors, mode, limit)
+        norms.append((mode, limit, float(vectors.grad.norm()), float(vectors.grad.abs().max())))
+
+    monkeypatch.setattr(textual_inversion, "clip_gradients", record)
+    run = settings(clip_grad_mode="norm", clip_grad_value="1e-6:2, 1e-5:3", max_steps=4)
+    clipped = train_textual_inversion(tiny_base, subject_examples[:4], run, tmp_path / "norm")
+    assert [limit for _, limit, _, _ in norms] == [1e-6, 1e-6, 1e-5, 1e-5]  # a schedule ending early keeps its last value
+    assert all(norm <= limit * 1.0001 for _, limit, norm, _ in norms)
+    free = train_textual_inversion(tiny_base, subject_examples[:4], settings(max_steps=4), tmp_path / "free")
+    assert not torch.equal(clipped.vectors, free.vectors)
+
+    norms.clear()
+    train_textual_inversion(tiny_base, subject_examples[:4], settings(clip_grad_mode="value", clip_grad_value="1e-7"), tmp_path / "v")
+    assert all(largest <= 1e-7 * 1.0001 for _, _, _, largest in norms) and len(norms) == 4
+    with pytest.raises(ValueError, match="clip_grad_value: '0.1:x'"):
+        settings(clip_grad_mode="norm", clip_grad_value="0.1:x")
+    with pytest.raises(ValueError, match="clip_grad_mode must be one of disabled, value, norm"):
+        settings(clip_grad_mode="sometimes")
