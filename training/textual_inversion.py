@@ -17,11 +17,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from PIL import Image
 
 from common.atomic import write_text
 from common.hashing import file_sha256, json_sha256
 from training.base_model import BaseModel
-from training.embedding_formats import save_diffusers_embedding, save_webui_pt
+from training.embedding_formats import (
+    save_diffusers_embedding,
+    save_kohya_embedding,
+    save_png_card,
+    save_webui_optim,
+    save_webui_pt,
+)
 from training.latent_cache import LATENT_SAMPLING_METHODS, latent_distributions, sample_latents
 from training.lr_schedule import parse_schedule
 from training.plots import plot_loss
@@ -66,6 +73,7 @@ class TextualInversionSettings:
     clip_grad_mode: str = "disabled"  # webui: disabled | value | norm
     clip_grad_value: str = "0.1"  # a number or a schedule in the learning-rate syntax
     latent_sampling_method: str = "once"  # webui: once | deterministic | random
+    save_image_with_stored_embedding: bool = True  # webui: also write <name>.png carrying the embedding
     resume: bool = True  # continue from a saved state of the same run (same settings, images, base model)
 
     def __post_init__(self) -> None:
@@ -303,9 +311,25 @@ def _save_embedding_pair(
     step: int,
     pt_path: Path,
     safetensors_path: Path,
+    optimizer: torch.optim.Optimizer,
 ) -> None:
+    """The webui `.pt` with its `.optim` companion (so the webui can continue training it) and the diffusers file."""
     save_webui_pt(pt_path, settings.name, vectors, step, base.short_hash, base.name)
+    save_webui_optim(pt_path, vectors, optimizer.state_dict())
     save_diffusers_embedding(safetensors_path, settings.name, vectors, step=step)
+
+
+def _checkpoint_files(out_dir: Path, name: str, step: int) -> dict[str, Path]:
+    stem = out_dir / "checkpoints" / f"{name}-{step}"
+    return {f"checkpoint_{step}_webui_pt": stem.with_suffix(".pt"), f"checkpoint_{step}_diffusers": stem.with_suffix(".safetensors")}
+
+
+def _save_png_card(trainer: _Trainer, vectors: torch.Tensor, step: int, path: Path) -> Path:
+    """The webui's PNG-embedded form around the first training image (previews are not rendered here)."""
+    with Image.open(trainer.examples[0].image_path) as picture:
+        card = picture.convert("RGB")
+    base = trainer.base
+    return save_png_card(path, card, trainer.settings.name, vectors, step, base.short_hash, base.name)
 
 
 def write_loss_csv(path: Path, losses: list[float], rates: list[float]) -> Path:
@@ -326,7 +350,8 @@ def run_key(base: BaseModel, examples: Sequence[TrainingExample], settings: Text
 
     Checkpoint cadence and the resume switch do not change the trained vectors, so they are left out.
     """
-    defining = {key: value for key, value in vars(settings).items() if key not in ("save_every", "resume")}
+    outputs_only = ("save_every", "resume", "save_image_with_stored_embedding")
+    defining = {key: value for key, value in vars(settings).items() if key not in outputs_only}
     images = [[str(example.image_path), file_sha256(example.image_path), example.filewords] for example in examples]
     return json_sha256({"settings": defining, "images": images, "base_model": base.fingerprint})
 
@@ -437,12 +462,13 @@ def _restore(
     return _Progress(step=state.step, losses=list(state.losses), rates=list(state.rates), resumed_from=state.step)
 
 
-def _save_checkpoint(trainer: _Trainer, step: int, out_dir: Path, files: dict[str, Path]) -> None:
-    stem = out_dir / "checkpoints" / f"{trainer.settings.name}-{step}"
-    pt_path, safetensors_path = stem.with_suffix(".pt"), stem.with_suffix(".safetensors")
-    _save_embedding_pair(trainer.base, trainer.settings, trainer.vectors, step, pt_path, safetensors_path)
-    files[f"checkpoint_{step}_webui_pt"] = pt_path
-    files[f"checkpoint_{step}_diffusers"] = safetensors_path
+def _save_checkpoint(
+    trainer: _Trainer, optimizer: torch.optim.Optimizer, step: int, out_dir: Path, files: dict[str, Path]
+) -> None:
+    paths = _checkpoint_files(out_dir, trainer.settings.name, step)
+    pt_path, safetensors_path = paths.values()
+    _save_embedding_pair(trainer.base, trainer.settings, trainer.vectors, step, pt_path, safetensors_path, optimizer)
+    files.update(paths)
 
 
 def train_textual_inversion(
@@ -479,21 +505,23 @@ def train_textual_inversion(
             done.losses.append(loss)
             done.rates.append(rate)
             if settings.save_every and step % settings.save_every == 0:
-                _save_checkpoint(trainer, step, out_dir, files)
+                _save_checkpoint(trainer, optimizer, step, out_dir, files)
             if step % state_every == 0 and step < schedule.end_step:
                 save_state(state_path, _capture(trainer, optimizer, scaler, done, key))
             if progress is not None:
                 progress(step, loss)
     if settings.save_every:  # checkpoints written before a resume are still this run's
         for step in range(settings.save_every, done.resumed_from + 1, settings.save_every):
-            stem = out_dir / "checkpoints" / f"{settings.name}-{step}"
-            files[f"checkpoint_{step}_webui_pt"] = stem.with_suffix(".pt")
-            files[f"checkpoint_{step}_diffusers"] = stem.with_suffix(".safetensors")
+            files.update(_checkpoint_files(out_dir, settings.name, step))
     vectors = trainer.vectors.detach().to(device="cpu", dtype=torch.float32).clone()
     steps = schedule.end_step
     files["webui_pt"] = out_dir / f"{settings.name}.pt"
     files["diffusers"] = out_dir / "learned_embeds.safetensors"
-    _save_embedding_pair(base, settings, vectors, steps, files["webui_pt"], files["diffusers"])
+    _save_embedding_pair(base, settings, vectors, steps, files["webui_pt"], files["diffusers"], optimizer)
+    files["webui_optim"] = Path(f"{files['webui_pt']}.optim")
+    files["kohya"] = save_kohya_embedding(out_dir / "kohya" / f"{settings.name}.safetensors", settings.name, vectors)
+    if settings.save_image_with_stored_embedding:
+        files["png_embedding"] = _save_png_card(trainer, vectors, steps, out_dir / f"{settings.name}.png")
     files["loss_csv"] = write_loss_csv(out_dir / "loss.csv", done.losses, done.rates)
     files["loss_png"] = plot_loss(files["loss_csv"], out_dir / "loss.png", f"textual inversion: {settings.name}")
     state_path.unlink(missing_ok=True)  # finished: the final embedding is the result, nothing to resume

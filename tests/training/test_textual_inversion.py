@@ -11,7 +11,7 @@ from PIL import Image
 
 from training import textual_inversion
 from training.base_model import BaseModel, load_base_model
-from training.embedding_formats import load_embedding
+from training.embedding_formats import load_embedding, webui_checksum
 from training.evaluation import build_pipeline, embedding_tokens
 from training.textual_inversion import (
     TextualInversionSettings,
@@ -37,9 +37,14 @@ def test_training_writes_every_file_in_loadable_formats(tiny_base: BaseModel, su
     assert calls == list(zip(range(1, 7), result.losses))
     assert result.vectors.shape == (2, 32) and result.vectors.dtype == torch.float32
     assert set(result.files) == {
-        "webui_pt", "diffusers", "loss_csv", "loss_png",
+        "webui_pt", "webui_optim", "diffusers", "kohya", "png_embedding", "loss_csv", "loss_png",
         "checkpoint_3_webui_pt", "checkpoint_3_diffusers", "checkpoint_6_webui_pt", "checkpoint_6_diffusers",
     }  # fmt: skip
+    for key in ("kohya", "png_embedding", "checkpoint_3_webui_pt"):
+        assert torch.equal(load_embedding(result.files[key])[1], result.vectors) == (key != "checkpoint_3_webui_pt"), key
+    assert (tmp_path / "checkpoints" / "mycat-3.pt.optim").is_file()
+    optim = torch.load(result.files["webui_optim"], weights_only=True)
+    assert optim["hash"] == webui_checksum(result.vectors) and optim["optimizer_state_dict"]["state"][0]["step"] == 6
     assert result.files["webui_pt"] == tmp_path / "mycat.pt"
     assert result.files["checkpoint_3_webui_pt"] == tmp_path / "checkpoints" / "mycat-3.pt"
     assert all(path.is_file() for path in result.files.values())
