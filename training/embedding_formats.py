@@ -18,10 +18,9 @@ from pathlib import Path
 import safetensors
 import safetensors.torch
 import torch
-from PIL import Image
 
 from common.atomic import write_bytes
-from training.png_embedding import read_png_embedding, save_png_embedding
+from training.png_embedding import read_png_embedding
 
 # The webui writes this fixed map in every embedding; readers only use the '*' key, never the id.
 WEBUI_STRING_TO_TOKEN = {"*": 265}
@@ -101,19 +100,6 @@ def save_webui_optim(pt_path: str | os.PathLike[str], vectors: torch.Tensor, opt
 def save_kohya_embedding(path: str | os.PathLike[str], name: str, vectors: torch.Tensor) -> Path:
     """kohya's / ComfyUI's layout: one `emb_params` tensor; the file name is the embedding's name."""
     return write_bytes(path, safetensors.torch.save({KOHYA_KEY: _portable_vectors(vectors, name)}))
-
-
-def save_png_card(
-    path: str | os.PathLike[str],
-    picture: Image.Image,
-    name: str,
-    vectors: torch.Tensor,
-    step: int,
-    sd_checkpoint: str | None,
-    sd_checkpoint_name: str | None,
-) -> Path:
-    """The webui's PNG-embedded form around `picture` (text chunk and pixel data block)."""
-    return save_png_embedding(path, picture, webui_embedding_dict(name, vectors, step, sd_checkpoint, sd_checkpoint_name))
 
 
 def save_diffusers_embedding(

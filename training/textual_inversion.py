@@ -25,13 +25,14 @@ from training.base_model import BaseModel
 from training.embedding_formats import (
     save_diffusers_embedding,
     save_kohya_embedding,
-    save_png_card,
     save_webui_optim,
     save_webui_pt,
+    webui_embedding_dict,
 )
 from training.latent_cache import LATENT_SAMPLING_METHODS, latent_distributions, sample_latents
 from training.lr_schedule import parse_schedule
 from training.plots import plot_loss
+from training.png_embedding import save_png_embedding
 from training.prompt_encoding import (
     NO_SLOT,
     PlaceholderPrompts,
@@ -328,8 +329,8 @@ def _save_png_card(trainer: _Trainer, vectors: torch.Tensor, step: int, path: Pa
     """The webui's PNG-embedded form around the first training image (previews are not rendered here)."""
     with Image.open(trainer.examples[0].image_path) as picture:
         card = picture.convert("RGB")
-    base = trainer.base
-    return save_png_card(path, card, trainer.settings.name, vectors, step, base.short_hash, base.name)
+    data = webui_embedding_dict(trainer.settings.name, vectors, step, trainer.base.short_hash, trainer.base.name)
+    return save_png_embedding(path, card, data)
 
 
 def write_loss_csv(path: Path, losses: list[float], rates: list[float]) -> Path:

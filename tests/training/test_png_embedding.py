@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
-from training.embedding_formats import EmbeddingFileError, read_embedding, save_png_card, webui_embedding_dict
-from training.png_embedding import TEXT_KEY, embed_in_image, lcg_stream, read_png_embedding
+from training.embedding_formats import EmbeddingFileError, read_embedding, webui_embedding_dict
+from training.png_embedding import TEXT_KEY, embed_in_image, lcg_stream, read_png_embedding, save_png_embedding
 
 # The first values of the webui's data-block stream, as its own self-test lists them.
 WEBUI_LCG_START = [253, 242, 127, 44, 157, 27, 239, 133, 38, 79, 167, 4, 177, 95, 130, 79, 78, 14, 52, 215]
@@ -31,7 +31,8 @@ def test_the_lcg_stream_is_the_webuis() -> None:
 
 
 def test_png_card_round_trips_through_the_text_chunk_and_the_pixels(tmp_path: Path, vectors: torch.Tensor) -> None:
-    path = save_png_card(tmp_path / "mycat.png", picture(), "mycat", vectors, 40, "0123456789", "tiny-sd")
+    data = webui_embedding_dict("mycat", vectors, 40, "0123456789", "tiny-sd")
+    path = save_png_embedding(tmp_path / "mycat.png", picture(), data)
     with Image.open(path) as image:
         payload = json.loads(base64.b64decode(image.text[TEXT_KEY]))
         assert payload["name"] == "mycat" and payload["string_to_param"]["*"]["TORCHTENSOR"][0][0] == pytest.approx(float(vectors[0, 0]))
