@@ -16,7 +16,7 @@ def test_rounds_without_improvement_counts_since_the_best_round() -> None:
     assert rounds_without_improvement(falling, 10) == 0
     stalled = falling[:30] + [0.9] * 70  # the best round is the third (mean ~0.78)
     assert rounds_without_improvement(stalled, 10) == 7
-    assert round_means([1.0, 1.0, 0.0], 2) == [1.0]  # a round of 1 step out of 2 is too short to judge
+    assert round_means([1.0, 1.0, 1.0, 0.0], 3) == [1.0]  # a round of 1 step out of 3 is too short to judge
     assert round_means([1.0, 1.0, 0.0, 0.0], 3) == [pytest.approx(2 / 3)]
     with pytest.raises(ValueError, match="round_steps must be at least 1"):
         round_means([1.0], 0)
