@@ -126,8 +126,15 @@ class TrainingSettings(_Section):
     save_embedding_every: int = Field(0, ge=0, description="save a copy every N steps (0: only the final)")
     shuffle_tags: bool = False
     tag_drop_out: float = Field(0.0, ge=0, le=1)
+    keep_tokens: int = Field(0, ge=0, description="kohya: the first N caption tags are never shuffled or dropped")
+    clip_grad_mode: Literal["disabled", "value", "norm"] = Field("disabled", description="webui: gradient clipping")
+    clip_grad_value: str = Field("0.1", description="webui: clipping limit, a number or a schedule like the rate")
+    latent_sampling_method: Literal["once", "deterministic", "random"] = Field("once", description="as in the webui")
+    resume: bool = Field(True, description="continue an interrupted run with the same settings from its last state")
+    loss_warning_threshold: float = Field(0.3, gt=0, description="warn when the final smoothed loss is above this")
+    loss_patience_rounds: int = Field(10, ge=1, description="warn when the loss has not fallen for this many rounds")
 
-    @field_validator("learning_rate", mode="before")
+    @field_validator("learning_rate", "clip_grad_value", mode="before")
     @classmethod
     def _rate_as_text(cls, value: object) -> object:
         return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value

@@ -3,11 +3,13 @@
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pandas as pd
 from dagster import (
     AssetCheckResult,
+    AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
     DataVersion,
@@ -26,19 +28,31 @@ from assets.tag_table import captions_path, tag_table
 from common.atomic import write_text
 from common.hashing import bytes_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
-from training.textual_inversion import TextualInversionSettings, TrainingExample, train_textual_inversion
+from training.loss_checks import final_smoothed_loss, rounds_without_improvement
+from training.textual_inversion import (
+    TextualInversionSettings,
+    TrainingExample,
+    TrainingResult,
+    train_textual_inversion,
+)
 
 STAGE = "textual_inversion"
 RUN_FILE = "training_run.json"
 
 
 def training_examples(paths: ProjectPaths, dataset: str) -> list[TrainingExample]:
-    """Prepared images paired with their captions ([filewords]); an image with no caption gets ""."""
+    """Prepared images paired with their [filewords], in the order the seeds' users expect: the tag table's
+    caption, else the caption sidecar that came with the source, else the source's filename words."""
     manifest = kept_rows(pd.read_parquet(require_file(manifest_path(paths, dataset), PREPARED)))
     captions = pd.read_parquet(require_file(captions_path(paths, dataset), "tag_table"))
     by_image = dict(zip(captions["image"], captions["caption"]))
     folder = paths.output_dir(dataset, PREPARED)
-    return [TrainingExample(image_path=folder / name, filewords=by_image.get(name, "")) for name in manifest["output"]]
+    examples = []
+    for row in manifest.itertuples():
+        choices = (by_image.get(row.output), row.source_caption, row.filename_words)
+        filewords = next((str(text) for text in choices if isinstance(text, str) and text.strip()), "")
+        examples.append(TrainingExample(image_path=folder / row.output, filewords=filewords))
+    return examples
 
 
 def trainer_settings(training: TrainingSettings, dataset: str) -> TextualInversionSettings:
@@ -58,6 +72,11 @@ def trainer_settings(training: TrainingSettings, dataset: str) -> TextualInversi
             save_every=training.save_embedding_every,
             shuffle_tags=training.shuffle_tags,
             tag_dropout=training.tag_drop_out,
+            keep_tokens=training.keep_tokens,
+            clip_grad_mode=training.clip_grad_mode,
+            clip_grad_value=training.clip_grad_value,
+            latent_sampling_method=training.latent_sampling_method,
+            resume=training.resume,
         )
     except ValueError as error:
         raise Failure(description=f"datasets/{dataset}/dataset.yaml, training section: {error}") from error
@@ -75,7 +94,17 @@ def read_training_run(paths: ProjectPaths, dataset: str) -> dict:
     code_version="1",
     pool="gpu",
     kinds={"pytorch"},
-    check_specs=[AssetCheckSpec("embedding_is_finite", asset=STAGE, description="no NaN or inf in the vectors")],
+    check_specs=[
+        AssetCheckSpec("embedding_is_finite", asset=STAGE, description="no NaN or inf in the vectors"),
+        AssetCheckSpec(
+            "final_loss_is_low", asset=STAGE,
+            description="seeds' rule: a final smoothed loss above loss_warning_threshold (0.3) gives poor results",
+        ),
+        AssetCheckSpec(
+            "loss_still_falling", asset=STAGE,
+            description="seeds' rule: if the loss has not decreased for loss_patience_rounds (10) rounds, stop",
+        ),
+    ],
     description="A textual-inversion embedding: webui .pt, diffusers learned_embeds.safetensors, loss log and "
     "curve. Not eager: runs on demand or on the nightly retrain when its inputs changed.",
 )
@@ -98,7 +127,13 @@ def textual_inversion(
             context.log.info(f"step {step}/{settings.max_steps} loss {loss:.5f}")
 
     out_dir = paths.output_dir(dataset, STAGE)
-    result = train_textual_inversion(base, examples, settings, out_dir, progress=progress)
+    started = time.perf_counter()
+    result = train_textual_inversion(
+        base, examples, settings, out_dir, progress=progress, latent_cache=paths.data_root() / "cache" / "latents"
+    )
+    elapsed = time.perf_counter() - started
+    if result.resumed_from:
+        context.log.info(f"resumed {name!r} from its saved state at step {result.resumed_from}")
     files = {key: str(path) for key, path in result.files.items()}
     write_text(
         out_dir / RUN_FILE,
@@ -106,25 +141,54 @@ def textual_inversion(
                     "base_model": str(base.source), "sd_checkpoint": base.short_hash}, indent=2),
     )
     vectors = result.vectors.detach().float().cpu().contiguous()
-    finite = bool(vectors.isfinite().all())
     tail = result.losses[-10:]
     metadata = {
         "embedding_name": name,
         "steps": result.steps,
+        "resumed_from_step": result.resumed_from,
+        "steps_per_second": (result.steps - result.resumed_from) / elapsed if elapsed > 0 else math.nan,
+        "device": f"{base.device} ({str(base.dtype).removeprefix('torch.')})",
         "images": len(examples),
-        "processed": len(examples),
-        "reused": 0,
+        "processed": result.images_encoded,
+        "reused": len(examples) - result.images_encoded,
         "skipped": 0,
         "final_loss_mean_10": float(sum(tail) / len(tail)) if tail else math.nan,
+        "final_loss_smoothed": final_smoothed_loss(result.losses),
         "vectors": MetadataValue.text(f"{tuple(vectors.shape)}"),
         "webui_pt": MetadataValue.path(files["webui_pt"]),
         "diffusers_embedding": MetadataValue.path(files["diffusers"]),
         "loss_csv": MetadataValue.path(files["loss_csv"]),
     }
     if "loss_png" in result.files:
-        metadata["loss_curve"] = image_md(Path(files["loss_png"]), caption="training loss")
+        metadata["loss_curve"] = image_md(Path(files["loss_png"]), caption="training loss and learning rate")
     return MaterializeResult(
         metadata=metadata,
         data_version=DataVersion(bytes_sha256(vectors.numpy().tobytes())),
-        check_results=[AssetCheckResult(check_name="embedding_is_finite", passed=finite)],
+        check_results=loss_check_results(result, training, settings),
     )
+
+
+def loss_check_results(
+    result: TrainingResult, training: TrainingSettings, settings: TextualInversionSettings
+) -> list[AssetCheckResult]:
+    """The seeds' rules of thumb; a NaN loss never gets here (training fails with the step and a hint)."""
+    finite = bool(result.vectors.isfinite().all())
+    smoothed = final_smoothed_loss(result.losses)
+    round_steps = settings.save_every or max(1, result.steps // 10)
+    stalled = rounds_without_improvement(result.losses, round_steps)
+    return [
+        AssetCheckResult(check_name="embedding_is_finite", passed=finite),
+        AssetCheckResult(
+            check_name="final_loss_is_low",
+            passed=smoothed <= training.loss_warning_threshold,
+            severity=AssetCheckSeverity.WARN,
+            metadata={"final_loss_smoothed": smoothed, "threshold": training.loss_warning_threshold},
+            description="for characters the seeds call anything above 0.2 a failure; below 0.15 is stable",
+        ),
+        AssetCheckResult(
+            check_name="loss_still_falling",
+            passed=stalled < training.loss_patience_rounds,
+            severity=AssetCheckSeverity.WARN,
+            metadata={"rounds_without_improvement": stalled, "round_steps": round_steps},
+        ),
+    ]

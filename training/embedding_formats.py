@@ -1,8 +1,10 @@
-"""Textual-inversion embedding files in the formats other tools read: webui `.pt`, diffusers, kohya.
+"""Textual-inversion embedding files in the formats other tools read: webui `.pt` (+ `.optim`), diffusers,
+kohya, and the webui's PNG-embedded form.
 
-Why several: the webui reads its `.pt` (it carries the step and the base checkpoint it was trained on),
-diffusers' `load_textual_inversion` reads a one-key `{token: vectors}` file, and kohya's scripts write
-`emb_params` safetensors. We write the first two and read all three.
+Why several: the webui reads its `.pt` (it carries the step and the base checkpoint it was trained on)
+and resumes its optimizer from the `.pt.optim` beside it, diffusers' `load_textual_inversion` reads a
+one-key `{token: vectors}` file, kohya's scripts and ComfyUI read `emb_params` safetensors, and embeddings
+are shared as PNG cards. We write and read all of them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import safetensors.torch
 import torch
 
 from common.atomic import write_bytes
+from training.png_embedding import read_png_embedding
 
 # The webui writes this fixed map in every embedding; readers only use the '*' key, never the id.
 WEBUI_STRING_TO_TOKEN = {"*": 265}
@@ -47,6 +50,27 @@ def _portable_vectors(vectors: torch.Tensor, name: str) -> torch.Tensor:
     return vectors.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
 
 
+def webui_embedding_dict(
+    name: str, vectors: torch.Tensor, step: int, sd_checkpoint: str | None, sd_checkpoint_name: str | None
+) -> dict:
+    """The dict the webui pickles into `.pt` files and JSON-encodes into PNG embeddings."""
+    return {
+        "string_to_token": dict(WEBUI_STRING_TO_TOKEN),
+        "string_to_param": {"*": _portable_vectors(vectors, name)},
+        "name": name,
+        "step": int(step),
+        "sd_checkpoint": sd_checkpoint,
+        "sd_checkpoint_name": sd_checkpoint_name,
+    }
+
+
+def _torch_bytes(data: object) -> bytes:
+    """Serialised in memory first, so the bytes do not depend on the temporary file's name."""
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    return buffer.getvalue()
+
+
 def save_webui_pt(
     path: str | os.PathLike[str],
     name: str,
@@ -55,18 +79,27 @@ def save_webui_pt(
     sd_checkpoint: str | None,
     sd_checkpoint_name: str | None,
 ) -> Path:
-    """The webui's embedding layout; serialised in memory first so the bytes do not depend on the temp name."""
-    data = {
-        "string_to_token": dict(WEBUI_STRING_TO_TOKEN),
-        "string_to_param": {"*": _portable_vectors(vectors, name)},
-        "name": name,
-        "step": int(step),
-        "sd_checkpoint": sd_checkpoint,
-        "sd_checkpoint_name": sd_checkpoint_name,
-    }
-    buffer = io.BytesIO()
-    torch.save(data, buffer)
-    return write_bytes(path, buffer.getvalue())
+    """The webui's embedding layout."""
+    return write_bytes(path, _torch_bytes(webui_embedding_dict(name, vectors, step, sd_checkpoint, sd_checkpoint_name)))
+
+
+def webui_checksum(vectors: torch.Tensor) -> str:
+    """The webui's 4-hex-digit embedding checksum, which its `.optim` files must carry to be loaded."""
+    value = 0
+    for number in (vectors.detach().to("cpu", torch.float32).reshape(-1) * 100).tolist():
+        value = ((value * 281) ^ (int(number) * 997)) & 0xFFFFFFFF
+    return f"{value & 0xFFFF:04x}"
+
+
+def save_webui_optim(pt_path: str | os.PathLike[str], vectors: torch.Tensor, optimizer_state: dict) -> Path:
+    """`<embedding>.pt.optim`: the AdamW state the webui resumes from when it continues training this file."""
+    data = {"hash": webui_checksum(vectors), "optimizer_name": "AdamW", "optimizer_state_dict": optimizer_state}
+    return write_bytes(f"{os.fspath(pt_path)}.optim", _torch_bytes(data))
+
+
+def save_kohya_embedding(path: str | os.PathLike[str], name: str, vectors: torch.Tensor) -> Path:
+    """kohya's / ComfyUI's layout: one `emb_params` tensor; the file name is the embedding's name."""
+    return write_bytes(path, safetensors.torch.save({KOHYA_KEY: _portable_vectors(vectors, name)}))
 
 
 def save_diffusers_embedding(
@@ -148,6 +181,16 @@ def _read_torch(path: Path) -> EmbeddingFile:
     raise EmbeddingFileError(f"{path}: neither a webui embedding ('string_to_param') nor a one-tensor diffusers file")
 
 
+def _read_png(path: Path) -> EmbeddingFile:
+    try:
+        data = read_png_embedding(path)
+    except ValueError as error:
+        raise EmbeddingFileError(str(error)) from error
+    if "string_to_param" not in data:
+        raise EmbeddingFileError(f"{path}: the embedded data has no 'string_to_param'")
+    return _read_webui(path, data)
+
+
 def read_embedding(path: str | os.PathLike[str]) -> EmbeddingFile:
     """Everything the file says: vectors, name, and the step and base checkpoint when the format keeps them."""
     path = Path(path)
@@ -158,7 +201,9 @@ def read_embedding(path: str | os.PathLike[str]) -> EmbeddingFile:
         return _read_safetensors(path)
     if suffix in TORCH_SUFFIXES:
         return _read_torch(path)
-    raise EmbeddingFileError(f"{path}: unsupported embedding file type (expected .safetensors, .pt or .bin)")
+    if suffix == ".png":
+        return _read_png(path)
+    raise EmbeddingFileError(f"{path}: unsupported embedding file type (expected .safetensors, .pt, .bin or .png)")
 
 
 def load_embedding(path: str | os.PathLike[str]) -> tuple[str, torch.Tensor]:

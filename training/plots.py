@@ -35,6 +35,16 @@ def _read_losses(csv_or_losses: str | os.PathLike[str] | Sequence[float]) -> tup
     return np.arange(1, len(losses) + 1, dtype=float), losses
 
 
+def _read_rates(csv_or_losses: str | os.PathLike[str] | Sequence[float]) -> np.ndarray | None:
+    """The learning_rate column of a loss table, when it has one (the trainer's loss.csv does)."""
+    if not isinstance(csv_or_losses, (str, os.PathLike)):
+        return None
+    frame = pd.read_csv(Path(csv_or_losses))
+    if "learning_rate" not in frame.columns:
+        return None
+    return frame["learning_rate"].to_numpy(dtype=float)
+
+
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Trailing mean over up to `window` values, so the first points are averages of what exists so far."""
     sums = np.cumsum(np.concatenate([[0.0], values]))
@@ -63,7 +73,13 @@ def plot_loss(
     axes.set_ylabel("loss")
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(loc="upper left")
+    rates = _read_rates(csv_or_losses)
+    if rates is not None:
+        rate_axes = axes.twinx()
+        rate_axes.step(steps, rates, where="post", color="tab:green", linewidth=1, label="learning rate")
+        rate_axes.set_ylabel("learning rate")
+        rate_axes.legend(loc="upper right")
     figure.tight_layout()
     with atomic_path(out_path) as tmp:
         figure.savefig(tmp, format="png")

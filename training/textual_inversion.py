@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from common.atomic import write_text
+from common.hashing import file_sha256, json_sha256
 from training.base_model import BaseModel
-from training.embedding_formats import save_diffusers_embedding, save_webui_pt
+from training.embedding_formats import (
+    save_diffusers_embedding,
+    save_kohya_embedding,
+    save_webui_optim,
+    save_webui_pt,
+    webui_embedding_dict,
+)
+from training.latent_cache import LATENT_SAMPLING_METHODS, latent_distributions, sample_latents
 from training.lr_schedule import parse_schedule
 from training.plots import plot_loss
+from training.png_embedding import save_png_embedding
 from training.prompt_encoding import (
     NO_SLOT,
     PlaceholderPrompts,
@@ -34,10 +42,13 @@ from training.prompt_encoding import (
     tokenize_with_placeholder,
 )
 from training.templates import NAME_KEYWORD, load_template, render_prompt
+from training.training_state import STATE_FILE, TrainingState, load_state, save_state
 
 # Prompt syntax the webui gives meaning to (emphasis, weights, tag separators) cannot be part of a name.
 _NAME_PATTERN = re.compile(r"[^\s,()\[\]{}:]+")
-_LATENT_BATCH = 4
+CLIP_GRAD_MODES = ("disabled", "value", "norm")
+# How often the resumable state is saved when no checkpoint cadence is set: a crash loses at most this many steps.
+DEFAULT_STATE_EVERY = 50
 
 
 class TrainingDivergedError(RuntimeError):
@@ -59,6 +70,12 @@ class TextualInversionSettings:
     save_every: int = 0  # write a checkpoint embedding every N steps (0 = only the final one)
     shuffle_tags: bool = False
     tag_dropout: float = 0.0
+    keep_tokens: int = 0  # kohya's name: the first N tags stay first and are never dropped (e.g. a trigger word)
+    clip_grad_mode: str = "disabled"  # webui: disabled | value | norm
+    clip_grad_value: str = "0.1"  # a number or a schedule in the learning-rate syntax
+    latent_sampling_method: str = "once"  # webui: once | deterministic | random
+    save_image_with_stored_embedding: bool = True  # webui: also write <name>.png carrying the embedding
+    resume: bool = True  # continue from a saved state of the same run (same settings, images, base model)
 
     def __post_init__(self) -> None:
         if not _NAME_PATTERN.fullmatch(self.name):
@@ -70,6 +87,7 @@ class TextualInversionSettings:
             "max_steps": (self.max_steps, 1, None),
             "clip_skip": (self.clip_skip, 1, None),
             "save_every": (self.save_every, 0, None),
+            "keep_tokens": (self.keep_tokens, 0, None),
         }
         for key, (value, low, high) in limits.items():
             if value < low or (high is not None and value > high):
@@ -77,6 +95,18 @@ class TextualInversionSettings:
                 raise ValueError(f"{key} must be {bound}, got {value}")
         if not 0.0 <= self.tag_dropout < 1.0:
             raise ValueError(f"tag_dropout must be in [0, 1), got {self.tag_dropout}")
+        if self.clip_grad_mode not in CLIP_GRAD_MODES:
+            raise ValueError(f"clip_grad_mode must be one of {', '.join(CLIP_GRAD_MODES)}, got {self.clip_grad_mode!r}")
+        if self.clip_grad_mode != "disabled":
+            try:
+                parse_schedule(self.clip_grad_value, self.max_steps)
+            except ValueError as error:
+                raise ValueError(f"clip_grad_value: {error}".replace("learning rate ", "")) from error
+        if self.latent_sampling_method not in LATENT_SAMPLING_METHODS:
+            raise ValueError(
+                f"latent_sampling_method must be one of {', '.join(LATENT_SAMPLING_METHODS)}, "
+                f"got {self.latent_sampling_method!r}"
+            )
         parse_schedule(self.learning_rate, self.max_steps)
 
 
@@ -92,58 +122,63 @@ class TrainingResult:
     steps: int
     losses: list[float]  # one per optimizer step (mean over its micro-batches)
     files: dict[str, Path] = field(default_factory=dict)  # "webui_pt", "diffusers", "loss_csv", "loss_png", checkpoints
-
-
-def load_training_image(path: Path, multiple: int) -> torch.Tensor:
-    """(3, S, S) in [-1, 1], the VAE's input range; bad files fail here with the file named."""
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{path}: cannot read the training image ({error})") from error
-    if rgb.width != rgb.height or rgb.width % multiple:
-        raise ValueError(f"{path}: training images must be square with a side divisible by {multiple}, got {rgb.size}")
-    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)
-    return pixels / 127.5 - 1.0
-
-
-@torch.no_grad()
-def encode_latents(base: BaseModel, examples: Sequence[TrainingExample], generator: torch.Generator) -> torch.Tensor:
-    """The webui's "once" latent sampling: one draw from each image's latent distribution, reused every epoch."""
-    side = None
-    latents = []
-    for start in range(0, len(examples), _LATENT_BATCH):
-        chunk = examples[start : start + _LATENT_BATCH]
-        images = [load_training_image(Path(example.image_path), base.vae_scale_factor) for example in chunk]
-        for example, image in zip(chunk, images):
-            side = side or image.shape[-1]
-            if image.shape[-1] != side:
-                raise ValueError(f"{example.image_path}: all training images must be {side}x{side}, got {image.shape[-1]}")
-        pixels = torch.stack(images).to(device=base.device, dtype=base.dtype)
-        distribution = base.vae.encode(pixels).latent_dist
-        latents.append(distribution.sample(generator=generator) * base.vae.config.scaling_factor)
-    return torch.cat(latents)
+    resumed_from: int = 0  # the step a saved state was resumed at (0: a fresh run)
+    images_encoded: int = 0  # images the VAE encoded (latent cache misses)
 
 
 def caption_for_step(filewords: str, settings: TextualInversionSettings, generator: torch.Generator) -> str:
-    """Tag dropout and shuffling, the webui's caption augmentation, with our generator instead of `random`."""
+    """Tag dropout and shuffling, the webui's caption augmentation, with our generator instead of `random`.
+
+    The first keep_tokens tags are left alone, as kohya does, so a trigger word or the character's name
+    stays at the front of every caption.
+    """
     if not settings.shuffle_tags and settings.tag_dropout == 0:
         return filewords
     tags = [tag.strip() for tag in filewords.split(",") if tag.strip()]
+    fixed, tags = tags[: settings.keep_tokens], tags[settings.keep_tokens :]
     if settings.tag_dropout > 0:
         keep = torch.rand(len(tags), generator=generator) >= settings.tag_dropout
         tags = [tag for tag, kept in zip(tags, keep.tolist()) if kept]
     if settings.shuffle_tags:
         tags = [tags[i] for i in torch.randperm(len(tags), generator=generator).tolist()]
-    return ", ".join(tags)
+    return ", ".join(fixed + tags)
 
 
-def sample_batches(n_examples: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
-    """Epochs of shuffled indices cut into full batches; an epoch's remainder is dropped, as the webui does."""
-    while True:
-        order = torch.randperm(n_examples, generator=generator).tolist()
-        for start in range(0, n_examples - batch_size + 1, batch_size):
-            yield order[start : start + batch_size]
+def clip_gradients(vectors: torch.nn.Parameter, mode: str, limit: float) -> None:
+    """The webui's gradient clipping: each component to [-limit, limit] ("value") or the whole norm ("norm")."""
+    if mode == "value":
+        torch.nn.utils.clip_grad_value_([vectors], limit)
+    elif mode == "norm":
+        torch.nn.utils.clip_grad_norm_([vectors], limit)
+
+
+class EpochSampler:
+    """Epochs of shuffled indices cut into full batches; an epoch's remainder is dropped, as the webui does.
+
+    An object rather than a generator function so its position can be saved and restored with a checkpoint.
+    """
+
+    def __init__(self, n_examples: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n_examples, self.batch_size, self.generator = n_examples, batch_size, generator
+        self.order: list[int] = []
+        self.position = 0
+
+    def __iter__(self) -> EpochSampler:
+        return self
+
+    def __next__(self) -> list[int]:
+        if self.position + self.batch_size > len(self.order):
+            self.order = torch.randperm(self.n_examples, generator=self.generator).tolist()
+            self.position = 0
+        batch = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict[str, object]:
+        return {"order": list(self.order), "position": self.position}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.order, self.position = list(state["order"]), int(state["position"])
 
 
 def training_template(settings: TextualInversionSettings) -> list[str]:
@@ -212,11 +247,22 @@ class _Trainer:
     settings: TextualInversionSettings
     lines: list[str]
     examples: Sequence[TrainingExample]
-    latents: torch.Tensor
+    latent_mean: torch.Tensor  # (N, C, h, w) float32 on CPU, from the latent cache
+    latent_std: torch.Tensor
+    latents: torch.Tensor | None  # fixed latents for "once" and "deterministic"; None for "random"
     scheduler: DDPMScheduler
     vectors: torch.nn.Parameter
     generator: torch.Generator
-    batches: Iterator[list[int]]
+    batches: EpochSampler
+    encoded: int  # images the VAE encoded in this run (cache misses)
+
+    def latents_for(self, indices: list[int]) -> torch.Tensor:
+        """The batch's latents on the device; "random" draws a fresh sample from each image's distribution."""
+        if self.latents is not None:
+            latents = self.latents[indices]
+        else:
+            latents = sample_latents(self.latent_mean[indices], self.latent_std[indices], self.generator)
+        return latents.to(device=self.base.device, dtype=self.base.dtype)
 
     def prompts_for(self, indices: list[int]) -> PlaceholderPrompts:
         prompts = []
@@ -227,7 +273,7 @@ class _Trainer:
         return tokenize_with_placeholder(self.base.tokenizer, prompts, self.settings.name, self.settings.vectors_per_token)
 
     def micro_batch_loss(self, indices: list[int]) -> torch.Tensor:
-        latents = self.latents[indices]
+        latents = self.latents_for(indices)
         noise = torch.randn(latents.shape, generator=self.generator).to(device=latents.device, dtype=latents.dtype)
         timesteps = torch.randint(self.scheduler.config.num_train_timesteps, (len(indices),), generator=self.generator)
         timesteps = timesteps.to(latents.device)
@@ -266,9 +312,25 @@ def _save_embedding_pair(
     step: int,
     pt_path: Path,
     safetensors_path: Path,
+    optimizer: torch.optim.Optimizer,
 ) -> None:
+    """The webui `.pt` with its `.optim` companion (so the webui can continue training it) and the diffusers file."""
     save_webui_pt(pt_path, settings.name, vectors, step, base.short_hash, base.name)
+    save_webui_optim(pt_path, vectors, optimizer.state_dict())
     save_diffusers_embedding(safetensors_path, settings.name, vectors, step=step)
+
+
+def _checkpoint_files(out_dir: Path, name: str, step: int) -> dict[str, Path]:
+    stem = out_dir / "checkpoints" / f"{name}-{step}"
+    return {f"checkpoint_{step}_webui_pt": stem.with_suffix(".pt"), f"checkpoint_{step}_diffusers": stem.with_suffix(".safetensors")}
+
+
+def _save_png_card(trainer: _Trainer, vectors: torch.Tensor, step: int, path: Path) -> Path:
+    """The webui's PNG-embedded form around the first training image (previews are not rendered here)."""
+    with Image.open(trainer.examples[0].image_path) as picture:
+        card = picture.convert("RGB")
+    data = webui_embedding_dict(trainer.settings.name, vectors, step, trainer.base.short_hash, trainer.base.name)
+    return save_png_embedding(path, card, data)
 
 
 def write_loss_csv(path: Path, losses: list[float], rates: list[float]) -> Path:
@@ -276,7 +338,28 @@ def write_loss_csv(path: Path, losses: list[float], rates: list[float]) -> Path:
     return write_text(path, "\n".join(["step,loss,learning_rate", *rows]) + "\n")
 
 
-def _start(base: BaseModel, examples: Sequence[TrainingExample], settings: TextualInversionSettings) -> _Trainer:
+def clip_limits(settings: TextualInversionSettings) -> Callable[[int], float | None]:
+    """step -> clipping limit (None when disabled); a schedule that ends early keeps its last value, as in the webui."""
+    if settings.clip_grad_mode == "disabled":
+        return lambda step: None
+    schedule = parse_schedule(settings.clip_grad_value, settings.max_steps)
+    return lambda step: schedule.rate_at(min(step, schedule.end_step))
+
+
+def run_key(base: BaseModel, examples: Sequence[TrainingExample], settings: TextualInversionSettings) -> str:
+    """What makes two runs the same run: a saved state resumes only under the same key.
+
+    Checkpoint cadence and the resume switch do not change the trained vectors, so they are left out.
+    """
+    outputs_only = ("save_every", "resume", "save_image_with_stored_embedding")
+    defining = {key: value for key, value in vars(settings).items() if key not in outputs_only}
+    images = [[str(example.image_path), file_sha256(example.image_path), example.filewords] for example in examples]
+    return json_sha256({"settings": defining, "images": images, "base_model": base.fingerprint})
+
+
+def _start(
+    base: BaseModel, examples: Sequence[TrainingExample], settings: TextualInversionSettings, latent_cache: Path | None
+) -> _Trainer:
     if not examples:
         raise ValueError("textual inversion needs at least one training example")
     if settings.batch_size > len(examples):
@@ -286,26 +369,37 @@ def _start(base: BaseModel, examples: Sequence[TrainingExample], settings: Textu
     lines = training_template(settings)
     check_prompts_fit(base, examples, lines, settings)
     _freeze(base)
+    mean, std, encoded = latent_distributions(
+        base.vae, [Path(example.image_path) for example in examples], base.vae_scale_factor, latent_cache
+    )
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-    latents = encode_latents(base, examples, generator)
+    fixed = {"once": lambda: sample_latents(mean, std, generator), "deterministic": lambda: mean, "random": lambda: None}
     start = initial_vectors(base.tokenizer, base.text_encoder, settings.initialization_text, settings.vectors_per_token)
     return _Trainer(
         base=base,
         settings=settings,
         lines=lines,
         examples=examples,
-        latents=latents,
+        latent_mean=mean,
+        latent_std=std,
+        latents=fixed[settings.latent_sampling_method](),
         scheduler=scheduler,
         vectors=torch.nn.Parameter(start.to(base.device)),
         generator=generator,
-        batches=sample_batches(len(examples), settings.batch_size, generator),
+        batches=EpochSampler(len(examples), settings.batch_size, generator),
+        encoded=encoded,
     )
 
 
 def _optimizer_step(
-    trainer: _Trainer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, step: int, rate: float
+    trainer: _Trainer,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    step: int,
+    rate: float,
+    clip_limit: float | None = None,
 ) -> float:
-    """One webui step: accumulate gradients over the micro-batches, then update; returns their mean loss.
+    """One webui step: accumulate gradients over the micro-batches, (clip,) then update; returns their mean loss.
 
     The scaler keeps half-precision gradients from underflowing; when disabled it is a pass-through.
     """
@@ -320,11 +414,62 @@ def _optimizer_step(
             raise _diverged(step, f"the loss is {loss.item()}", rate)
         scaler.scale(loss / micro_batches).backward()
         total += loss.item()
+    if clip_limit is not None:
+        scaler.unscale_(optimizer)  # clip the true gradient, not the loss-scaled one
+        clip_gradients(trainer.vectors, trainer.settings.clip_grad_mode, clip_limit)
     scaler.step(optimizer)
     scaler.update()
     if not torch.isfinite(trainer.vectors).all():
         raise _diverged(step, "the embedding vectors became NaN/inf", rate)
     return total / micro_batches
+
+
+@dataclass
+class _Progress:
+    """What a run has done so far; restored from a saved state on resume."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def _capture(
+    trainer: _Trainer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, progress: _Progress, key: str
+) -> TrainingState:
+    return TrainingState(
+        run_key=key,
+        step=progress.step,
+        vectors=trainer.vectors.detach().to("cpu", torch.float32),
+        optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict(),
+        generator=trainer.generator.get_state(),
+        sampler=trainer.batches.state_dict(),
+        losses=progress.losses,
+        rates=progress.rates,
+    )
+
+
+def _restore(
+    trainer: _Trainer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, state: TrainingState
+) -> _Progress:
+    with torch.no_grad():
+        trainer.vectors.copy_(state.vectors.to(trainer.vectors.device))
+    optimizer.load_state_dict(state.optimizer)
+    if state.scaler:
+        scaler.load_state_dict(state.scaler)
+    trainer.generator.set_state(state.generator)
+    trainer.batches.load_state_dict(state.sampler)
+    return _Progress(step=state.step, losses=list(state.losses), rates=list(state.rates), resumed_from=state.step)
+
+
+def _save_checkpoint(
+    trainer: _Trainer, optimizer: torch.optim.Optimizer, step: int, out_dir: Path, files: dict[str, Path]
+) -> None:
+    paths = _checkpoint_files(out_dir, trainer.settings.name, step)
+    pt_path, safetensors_path = paths.values()
+    _save_embedding_pair(trainer.base, trainer.settings, trainer.vectors, step, pt_path, safetensors_path, optimizer)
+    files.update(paths)
 
 
 def train_textual_inversion(
@@ -333,37 +478,55 @@ def train_textual_inversion(
     settings: TextualInversionSettings,
     out_dir: Path,
     progress: Callable[[int, float], None] | None = None,
+    latent_cache: Path | None = None,
 ) -> TrainingResult:
     """Train, writing `<name>.pt`, `learned_embeds.safetensors`, `loss.csv`, `loss.png` (and checkpoints) atomically.
 
     Runs until the learning-rate schedule ends (max_steps, or earlier if the schedule says so, as in the webui).
+    The full state goes to `checkpoints/training_state.pt` with every checkpoint (every DEFAULT_STATE_EVERY
+    steps when save_every is 0); a later call for the same run continues from it unless `resume` is off.
     """
     out_dir = Path(out_dir)
     schedule = parse_schedule(settings.learning_rate, settings.max_steps)
-    trainer = _start(base, examples, settings)
+    trainer = _start(base, examples, settings, latent_cache)
     optimizer = torch.optim.AdamW([trainer.vectors], lr=schedule.rate_at(1), weight_decay=0.0)
     scaler = torch.amp.GradScaler(base.device.type, enabled=uses_mixed_precision(base))
+    key = run_key(base, examples, settings)
+    state_path = out_dir / "checkpoints" / STATE_FILE
+    saved = load_state(state_path, key) if settings.resume else None
+    done = _restore(trainer, optimizer, scaler, saved) if saved is not None else _Progress()
+    state_every = settings.save_every or DEFAULT_STATE_EVERY
+    clip_schedule = clip_limits(settings)
     files: dict[str, Path] = {}
-    losses: list[float] = []
-    rates: list[float] = []
     with torch.enable_grad():
-        for step in range(1, schedule.end_step + 1):
+        for step in range(done.step + 1, schedule.end_step + 1):
             rate = schedule.rate_at(step)
-            losses.append(_optimizer_step(trainer, optimizer, scaler, step, rate))
-            rates.append(rate)
+            loss = _optimizer_step(trainer, optimizer, scaler, step, rate, clip_schedule(step))
+            done.step = step
+            done.losses.append(loss)
+            done.rates.append(rate)
             if settings.save_every and step % settings.save_every == 0:
-                stem = out_dir / "checkpoints" / f"{settings.name}-{step}"
-                pt_path, safetensors_path = stem.with_suffix(".pt"), stem.with_suffix(".safetensors")
-                _save_embedding_pair(base, settings, trainer.vectors, step, pt_path, safetensors_path)
-                files[f"checkpoint_{step}_webui_pt"] = pt_path
-                files[f"checkpoint_{step}_diffusers"] = safetensors_path
+                _save_checkpoint(trainer, optimizer, step, out_dir, files)
+            if step % state_every == 0 and step < schedule.end_step:
+                save_state(state_path, _capture(trainer, optimizer, scaler, done, key))
             if progress is not None:
-                progress(step, losses[-1])
+                progress(step, loss)
+    if settings.save_every:  # checkpoints written before a resume are still this run's
+        for step in range(settings.save_every, done.resumed_from + 1, settings.save_every):
+            files.update(_checkpoint_files(out_dir, settings.name, step))
     vectors = trainer.vectors.detach().to(device="cpu", dtype=torch.float32).clone()
     steps = schedule.end_step
     files["webui_pt"] = out_dir / f"{settings.name}.pt"
     files["diffusers"] = out_dir / "learned_embeds.safetensors"
-    _save_embedding_pair(base, settings, vectors, steps, files["webui_pt"], files["diffusers"])
-    files["loss_csv"] = write_loss_csv(out_dir / "loss.csv", losses, rates)
+    _save_embedding_pair(base, settings, vectors, steps, files["webui_pt"], files["diffusers"], optimizer)
+    files["webui_optim"] = Path(f"{files['webui_pt']}.optim")
+    files["kohya"] = save_kohya_embedding(out_dir / "kohya" / f"{settings.name}.safetensors", settings.name, vectors)
+    if settings.save_image_with_stored_embedding:
+        files["png_embedding"] = _save_png_card(trainer, vectors, steps, out_dir / f"{settings.name}.png")
+    files["loss_csv"] = write_loss_csv(out_dir / "loss.csv", done.losses, done.rates)
     files["loss_png"] = plot_loss(files["loss_csv"], out_dir / "loss.png", f"textual inversion: {settings.name}")
-    return TrainingResult(vectors=vectors, steps=steps, losses=losses, files=files)
+    state_path.unlink(missing_ok=True)  # finished: the final embedding is the result, nothing to resume
+    return TrainingResult(
+        vectors=vectors, steps=steps, losses=done.losses, files=files,
+        resumed_from=done.resumed_from, images_encoded=trainer.encoded,
+    )  # fmt: skip

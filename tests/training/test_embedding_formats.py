@@ -97,9 +97,37 @@ def test_unreadable_files_are_clear_errors_naming_the_file(tmp_path: Path, vecto
     torch.save({"a": torch.ones(2, 2, 2)}, tmp_path / "cube.pt")
     cases["nan.pt"] = "contain NaN or inf"
     torch.save({"a": torch.full((1, 32), float("inf"))}, tmp_path / "nan.pt")
-    cases["embedding.png"] = "unsupported embedding file type"
-    (tmp_path / "embedding.png").write_bytes(b"png")
+    cases["embedding.gif"] = "unsupported embedding file type"
+    (tmp_path / "embedding.gif").write_bytes(b"gif")
     cases["missing.pt"] = "embedding file not found"
     for file_name, reason in cases.items():
         with pytest.raises(EmbeddingFileError, match=f"{file_name}: .*{reason}|{file_name}: {reason}"):
             read_embedding(tmp_path / file_name)
+
+
+def test_optim_companion_carries_the_webui_checksum(tmp_path: Path, vectors: torch.Tensor) -> None:
+    from training.embedding_formats import save_webui_optim, webui_checksum
+
+    parameter = torch.nn.Parameter(vectors.clone())
+    optimizer = torch.optim.AdamW([parameter], lr=0.01)
+    parameter.grad = torch.ones_like(parameter)
+    optimizer.step()
+    pt = save_webui_pt(tmp_path / "mycat.pt", "mycat", parameter, 1, None, None)
+    optim = save_webui_optim(pt, parameter, optimizer.state_dict())
+    assert optim.name == "mycat.pt.optim"
+    data = torch.load(optim, weights_only=True)
+    assert data["hash"] == webui_checksum(parameter) and data["optimizer_name"] == "AdamW"
+    resumed = torch.optim.AdamW([torch.nn.Parameter(vectors.clone())], lr=0.01)
+    resumed.load_state_dict(data["optimizer_state_dict"])
+    assert torch.equal(resumed.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    # the webui's const_hash: r = (r * 281 ^ int(v) * 997) & 0xFFFFFFFF over vec * 100, low 16 bits as 4 hex digits
+    assert webui_checksum(torch.tensor([[0.015, -0.021]])) == f"{((1 * 997) * 281 ^ (-2 * 997)) & 0xFFFF:04x}"
+
+
+def test_kohya_file_round_trips(tmp_path: Path, vectors: torch.Tensor) -> None:
+    from training.embedding_formats import save_kohya_embedding
+
+    path = save_kohya_embedding(tmp_path / "mycat.safetensors", "mycat", vectors)
+    assert list(safetensors.torch.load_file(path)) == ["emb_params"]
+    name, loaded = load_embedding(path)
+    assert name == "mycat" and torch.equal(loaded, vectors)

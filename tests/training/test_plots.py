@@ -18,13 +18,18 @@ def test_moving_average_is_a_trailing_mean_over_what_exists() -> None:
 def test_plot_from_a_list_and_from_the_csv_are_the_same_png(tmp_path: Path) -> None:
     losses = [1.0 / (step + 1) + 0.05 * float(np.sin(step)) for step in range(40)]
     csv = tmp_path / "loss.csv"
-    csv.write_text("step,loss,learning_rate\n" + "".join(f"{i + 1},{loss!r},0.005\n" for i, loss in enumerate(losses)))
+    csv.write_text("step,loss\n" + "".join(f"{i + 1},{loss!r}\n" for i, loss in enumerate(losses)))
+    with_rates = tmp_path / "rates.csv"
+    with_rates.write_text(
+        "step,loss,learning_rate\n" + "".join(f"{i + 1},{loss!r},{0.005 if i < 20 else 0.001}\n" for i, loss in enumerate(losses))
+    )
     from_list = plot_loss(losses, tmp_path / "a.png", "mycat")
     from_csv = plot_loss(csv, tmp_path / "b.png", "mycat")
     assert from_list.read_bytes() == from_csv.read_bytes()
     with Image.open(from_list) as image:
         assert image.format == "PNG" and image.width > 300
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "loss.csv"]  # no temp files left
+    assert plot_loss(with_rates, tmp_path / "c.png", "mycat").read_bytes() != from_csv.read_bytes()  # the rate curve
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "c.png", "loss.csv", "rates.csv"]
 
 
 def test_bad_loss_input_is_a_clear_error(tmp_path: Path) -> None:

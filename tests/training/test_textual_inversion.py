@@ -11,14 +11,14 @@ from PIL import Image
 
 from training import textual_inversion
 from training.base_model import BaseModel, load_base_model
-from training.embedding_formats import load_embedding
+from training.embedding_formats import load_embedding, webui_checksum
 from training.evaluation import build_pipeline, embedding_tokens
 from training.textual_inversion import (
     TextualInversionSettings,
     TrainingDivergedError,
     TrainingExample,
     caption_for_step,
-    sample_batches,
+    EpochSampler,
     train_textual_inversion,
 )
 
@@ -37,9 +37,14 @@ def test_training_writes_every_file_in_loadable_formats(tiny_base: BaseModel, su
     assert calls == list(zip(range(1, 7), result.losses))
     assert result.vectors.shape == (2, 32) and result.vectors.dtype == torch.float32
     assert set(result.files) == {
-        "webui_pt", "diffusers", "loss_csv", "loss_png",
+        "webui_pt", "webui_optim", "diffusers", "kohya", "png_embedding", "loss_csv", "loss_png",
         "checkpoint_3_webui_pt", "checkpoint_3_diffusers", "checkpoint_6_webui_pt", "checkpoint_6_diffusers",
     }  # fmt: skip
+    for key in ("kohya", "png_embedding", "checkpoint_3_webui_pt"):
+        assert torch.equal(load_embedding(result.files[key])[1], result.vectors) == (key != "checkpoint_3_webui_pt"), key
+    assert (tmp_path / "checkpoints" / "mycat-3.pt.optim").is_file()
+    optim = torch.load(result.files["webui_optim"], weights_only=True)
+    assert optim["hash"] == webui_checksum(result.vectors) and optim["optimizer_state_dict"]["state"][0]["step"] == 6
     assert result.files["webui_pt"] == tmp_path / "mycat.pt"
     assert result.files["checkpoint_3_webui_pt"] == tmp_path / "checkpoints" / "mycat-3.pt"
     assert all(path.is_file() for path in result.files.values())
@@ -134,8 +139,12 @@ def test_divergence_stops_with_the_step_and_writes_no_bad_embedding(tiny_base: B
     with pytest.raises(TrainingDivergedError, match=r"diverged at step \d+: .*lower learning rate"):
         train_textual_inversion(tiny_base, subject_examples[:4], run, tmp_path)
     assert not (tmp_path / "mycat.pt").exists() and not (tmp_path / "learned_embeds.safetensors").exists()
-    for checkpoint in tmp_path.glob("checkpoints/*"):
+    checkpoints = sorted(tmp_path.glob("checkpoints/mycat-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    for checkpoint in checkpoints:
         assert torch.isfinite(load_embedding(checkpoint)[1]).all()
+    state = torch.load(tmp_path / "checkpoints" / "training_state.pt", weights_only=True)
+    assert torch.isfinite(state["vectors"]).all()  # the last finite state survives for inspection
+    assert state["step"] == int(checkpoints[-1].stem.split("-")[1])
 
 
 def test_an_infinite_loss_is_caught_before_the_update(tiny_base: BaseModel, subject_examples, tmp_path: Path, monkeypatch) -> None:
@@ -204,9 +213,43 @@ def test_caption_augmentation_is_seeded_and_off_by_default() -> None:
 
 
 def test_batches_cover_each_epoch_once_and_drop_the_remainder() -> None:
-    batches = sample_batches(5, 2, torch.Generator().manual_seed(0))
+    batches = EpochSampler(5, 2, torch.Generator().manual_seed(0))
     epoch = [next(batches) for _ in range(2)]
     assert all(len(batch) == 2 for batch in epoch)
     assert len(set(epoch[0] + epoch[1])) == 4
     assert all(len(next(batches)) == 2 for _ in range(10))
 
+
+
+def test_keep_tokens_hold_the_first_tags_in_place() -> None:
+    caption = "trigger, red, round, simple background, solo, flat"
+    for seed in range(8):
+        run = settings(shuffle_tags=True, tag_dropout=0.5, keep_tokens=1)
+        assert caption_for_step(caption, run, torch.Generator().manual_seed(seed)).startswith("trigger")
+    unkept = [caption_for_step(caption, settings(shuffle_tags=True), torch.Generator().manual_seed(s)) for s in range(8)]
+    assert not all(text.startswith("trigger") for text in unkept)
+
+
+def test_gradient_clipping_follows_its_schedule(tiny_base: BaseModel, subject_examples, tmp_path: Path, monkeypatch) -> None:
+    norms: list[float] = []
+    original = textual_inversion.clip_gradients
+
+    def record(vectors, mode, limit):
+        original(vectors, mode, limit)
+        norms.append((mode, limit, float(vectors.grad.norm()), float(vectors.grad.abs().max())))
+
+    monkeypatch.setattr(textual_inversion, "clip_gradients", record)
+    run = settings(clip_grad_mode="norm", clip_grad_value="1e-6:2, 1e-5:3", max_steps=4)
+    clipped = train_textual_inversion(tiny_base, subject_examples[:4], run, tmp_path / "norm")
+    assert [limit for _, limit, _, _ in norms] == [1e-6, 1e-6, 1e-5, 1e-5]  # a schedule ending early keeps its last value
+    assert all(norm <= limit * 1.0001 for _, limit, norm, _ in norms)
+    free = train_textual_inversion(tiny_base, subject_examples[:4], settings(max_steps=4), tmp_path / "free")
+    assert not torch.equal(clipped.vectors, free.vectors)
+
+    norms.clear()
+    train_textual_inversion(tiny_base, subject_examples[:4], settings(clip_grad_mode="value", clip_grad_value="1e-7"), tmp_path / "v")
+    assert all(largest <= 1e-7 * 1.0001 for _, _, _, largest in norms) and len(norms) == 4
+    with pytest.raises(ValueError, match="clip_grad_value: '0.1:x'"):
+        settings(clip_grad_mode="norm", clip_grad_value="0.1:x")
+    with pytest.raises(ValueError, match="clip_grad_mode must be one of disabled, value, norm"):
+        settings(clip_grad_mode="sometimes")

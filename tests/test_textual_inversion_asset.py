@@ -1,0 +1,52 @@
+"""The textual_inversion asset's own logic: settings mapping and the seeds' loss checks (no training here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from dagster import AssetCheckSeverity, Failure
+
+from assets.dataset_settings import TrainingSettings
+from assets.textual_inversion import loss_check_results, trainer_settings
+from training.textual_inversion import TrainingResult
+
+
+def test_every_training_option_reaches_the_trainer() -> None:
+    section = TrainingSettings(
+        keep_tokens=2, clip_grad_mode="norm", clip_grad_value="0.5:10, 0.1", latent_sampling_method="random",
+        resume=False, tag_drop_out=0.1, shuffle_tags=True, save_embedding_every=5, learning_rate=0.01,
+    )  # fmt: skip
+    settings = trainer_settings(section, "mycat")
+    assert (settings.name, settings.keep_tokens, settings.clip_grad_mode) == ("mycat", 2, "norm")
+    assert (settings.clip_grad_value, settings.latent_sampling_method, settings.resume) == ("0.5:10, 0.1", "random", False)
+    assert (settings.tag_dropout, settings.shuffle_tags, settings.save_every, settings.learning_rate) == (0.1, True, 5, "0.01")
+
+
+def test_a_bad_option_names_the_file_and_the_fragment() -> None:
+    with pytest.raises(Failure, match=r"datasets/mycat/dataset.yaml, training section: clip_grad_value: '0.1:x'"):
+        trainer_settings(TrainingSettings(clip_grad_mode="value", clip_grad_value="0.1:x"), "mycat")
+
+
+def _result(losses: list[float]) -> TrainingResult:
+    return TrainingResult(vectors=torch.zeros(1, 4), steps=len(losses), losses=losses)
+
+
+def _checks(losses: list[float], **training) -> dict:
+    section = TrainingSettings(max_steps=len(losses), **training)
+    results = loss_check_results(_result(losses), section, trainer_settings(section, "mycat"))
+    return {result.check_name: result for result in results}
+
+
+def test_the_seeds_loss_rules_warn() -> None:
+    falling = list(np.linspace(0.5, 0.1, 200))
+    checks = _checks(falling)
+    assert checks["embedding_is_finite"].passed and checks["final_loss_is_low"].passed and checks["loss_still_falling"].passed
+
+    high = _checks([0.4] * 100)
+    assert not high["final_loss_is_low"].passed and high["final_loss_is_low"].severity == AssetCheckSeverity.WARN
+    assert _checks([0.4] * 100, loss_warning_threshold=0.5)["final_loss_is_low"].passed
+
+    stalled = _checks(falling[:20] + [0.2] * 180, save_embedding_every=10, loss_patience_rounds=10)
+    assert not stalled["loss_still_falling"].passed
+    assert stalled["loss_still_falling"].metadata["rounds_without_improvement"].value == 17
