@@ -3,8 +3,8 @@
 Run from the project root: `PYTHONPATH=. .venv/bin/python -m bench.tagging [--images 1000] [--side 448] [--cached 10000]`
 (as a module: run as a script, this file would shadow the `tagging` package)
 
-It builds, in a temporary folder, a CPU-sized WD14-contract tagger (a small random-weight CNN exported with
-torch.onnx at `--side` px, dynamic batch, 1,000 tags) and `--images` JPEGs, then reports:
+It builds, in a temporary folder, a CPU-sized WD14-contract tagger (a random-weight ConvNeXt-atto-sized
+network exported with torch.onnx at `--side` px, dynamic batch, 1,000 tags) and `--images` JPEGs, then reports:
 
   (a) the model's raw throughput on pre-made tensors (the ceiling),
   (b) our end-to-end throughput (score_with_cache: decode + preprocess in workers, overlapped with inference),
@@ -17,7 +17,6 @@ Ratios (b/a and b/c) come from one run on the same machine.
 from __future__ import annotations
 
 import argparse
-import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -35,26 +34,42 @@ from tagging.wd14 import WD14Tagger
 TAGS = 1000
 
 
-def build_cnn_tagger(folder: Path, *, side: int, tags: int = TAGS, seed: int = 0) -> Path:
-    """A small ConvNet with the SmilingWolf I/O contract (NHWC BGR 0-255 in, sigmoid scores out)."""
+def build_convnext_tagger(folder: Path, *, side: int, tags: int = TAGS, seed: int = 0) -> Path:
+    """A ConvNeXt-atto-sized tagger (stages of 2, 2, 6, 2 blocks, widths 40-320; the block layout of the
+    ConvNeXt WD14 models, about 1/25 of their compute) with random weights and the SmilingWolf I/O contract
+    (NHWC BGR 0-255 in, sigmoid scores out), exported with a dynamic batch like the v3 models."""
     import torch
     from torch import nn
 
     torch.manual_seed(seed)
 
+    class Block(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.depthwise = nn.Conv2d(width, width, 7, padding=3, groups=width)
+            self.norm = nn.LayerNorm(width)
+            self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.depthwise(x).permute(0, 2, 3, 1)
+            return x + self.mlp(self.norm(y)).permute(0, 3, 1, 2)
+
     class Tagger(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            widths = [3, 24, 48, 96, 192]
-            layers: list[nn.Module] = []
-            for index, (inputs, outputs) in enumerate(itertools.pairwise(widths)):
-                layers += [nn.Conv2d(inputs, outputs, 3, stride=4 if index == 0 else 2, padding=1), nn.ReLU()]
+            widths, depths = [40, 80, 160, 320], [2, 2, 6, 2]
+            layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 4, stride=4)]
+            for stage, (width, depth) in enumerate(zip(widths, depths)):
+                if stage:
+                    layers.append(nn.Conv2d(widths[stage - 1], width, 2, stride=2))
+                layers += [Block(width) for _ in range(depth)]
             self.features = nn.Sequential(*layers)
+            self.norm = nn.LayerNorm(widths[-1])
             self.head = nn.Linear(widths[-1], tags)
 
         def forward(self, pixels: torch.Tensor) -> torch.Tensor:
             x = pixels.permute(0, 3, 1, 2) / 255.0
-            return torch.sigmoid(self.head(self.features(x).mean(dim=(2, 3))))
+            return torch.sigmoid(self.head(self.norm(self.features(x).mean(dim=(2, 3)))))
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
@@ -155,9 +170,9 @@ def main() -> None:
     workers = args.workers or default_workers()
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary)
-        tagger = WD14Tagger(build_cnn_tagger(root / "tagger", side=args.side))
+        tagger = WD14Tagger(build_convnext_tagger(root / "tagger", side=args.side))
         paths = write_images(root / "images", args.images)
-        print(f"{args.images} images, {args.side} px CNN tagger with {TAGS} tags on {tagger.provider}, "
+        print(f"{args.images} images, {args.side} px ConvNeXt-atto-sized tagger with {TAGS} tags on {tagger.provider}, "
               f"batch {args.batch_size}, {workers} decoding workers")
         a = raw_throughput(tagger, args.images, args.batch_size)
         b = end_to_end(tagger, paths, root / "store", args.batch_size, workers)

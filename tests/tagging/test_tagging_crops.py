@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from tagging.crops import (
     CropRefused,
@@ -54,6 +54,32 @@ def test_focal_weights_combine_the_detectors() -> None:
 
 def test_bundled_face_cascade_loads_and_finds_nothing_in_a_flat_image() -> None:
     assert face_points(np.full((120, 120), 200, dtype=np.uint8)) == []
+
+
+def drawn_face(side: int) -> Image.Image:
+    """A blurred frontal face (oval, brows, dark eyes, nose, mouth) that OpenCV's Haar cascade detects."""
+    image = Image.new("L", (side, side), 90)
+    draw = ImageDraw.Draw(image)
+    s = side
+    draw.ellipse((s * .15, s * .05, s * .85, s * .98), fill=200)
+    for left in (.27, .55):
+        draw.rectangle((s * left, s * .30, s * (left + .18), s * .34), fill=60)
+        draw.ellipse((s * (left + .02), s * .38, s * (left + .16), s * .46), fill=40)
+    draw.polygon([(s * .5, s * .45), (s * .45, s * .65), (s * .55, s * .65)], fill=170)
+    draw.ellipse((s * .36, s * .74, s * .64, s * .82), fill=80)
+    return image.filter(ImageFilter.GaussianBlur(s / 60))
+
+
+def test_focal_crop_centres_on_a_detected_face() -> None:
+    image = Image.new("L", (600, 200), 90)
+    image.paste(drawn_face(160), (400, 20))
+    (face,) = face_points(np.asarray(image))
+    assert 460 < face[0] < 500 and 80 < face[1] < 120
+    x, _ = focal_point(image.convert("RGB"))  # the default weights, all three detectors
+    assert x > 400
+    (region,) = plan_regions(image.convert("RGB"), PrepareOptions(size=64, crop="focal"))
+    left, _, right, _ = region.box
+    assert left <= 420 and right >= 560  # the whole face is inside the crop
 
 
 def test_entropy_window_finds_the_noisy_end() -> None:
