@@ -38,7 +38,6 @@ class PreviewSettings:
     steps: int = 20
     cfg_scale: float = 7.0
     sampler: str = "euler_a"  # the webui's default sampler, Euler a
-    with_embedding: bool = True  # also write the preview as a PNG that carries the embedding
 
     def __post_init__(self) -> None:
         if self.every < 0:
@@ -56,8 +55,12 @@ class PreviewSettings:
 class PreviewRenderer:
     """Renders and saves the previews of one run over the shared, frozen base model."""
 
-    def __init__(self, base: BaseModel, settings: PreviewSettings, name: str, clip_skip: int) -> None:
+    def __init__(
+        self, base: BaseModel, settings: PreviewSettings, name: str, clip_skip: int, with_embedding: bool = True
+    ) -> None:
+        """with_embedding (webui: save_image_with_stored_embedding): also write a PNG that carries the embedding."""
         self.base, self.settings, self.name, self.clip_skip = base, settings, name, clip_skip
+        self.with_embedding = with_embedding
         self.pipeline: StableDiffusionPipeline = build_pipeline(base, settings.sampler)
 
     def prompt_for(self, training_prompt: str) -> str:
@@ -76,9 +79,9 @@ class PreviewRenderer:
     def save(self, vectors: torch.Tensor, training_prompt: str, step: int, out_dir: Path) -> dict[str, Path]:
         """`images/<name>-<step>.png` and, when asked, `image_embeddings/<name>-<step>.png` (the webui's layout)."""
         image = self.render(vectors, self.prompt_for(training_prompt))
-        files = preview_files(out_dir, self.name, step, self.settings.with_embedding)
+        files = preview_files(out_dir, self.name, step, self.with_embedding)
         write_bytes(files[f"preview_{step}"], _png_bytes(image))
-        if self.settings.with_embedding:
+        if self.with_embedding:
             data = webui_embedding_dict(self.name, vectors, step, self.base.short_hash, self.base.name)
             save_png_embedding(files[f"preview_{step}_embedding"], image, data)
         return files

@@ -540,7 +540,7 @@ def _run_files(settings: TextualInversionSettings, out_dir: Path, resumed_from: 
         if settings.save_every and step % settings.save_every == 0:
             files.update(_checkpoint_files(out_dir, settings.name, step))
         if settings.previews.every and step % settings.previews.every == 0:
-            files.update(preview_files(out_dir, settings.name, step, settings.previews.with_embedding))
+            files.update(preview_files(out_dir, settings.name, step, settings.save_image_with_stored_embedding))
     return files
 
 
@@ -578,7 +578,11 @@ def train_textual_inversion(
         done = _restore(trainer, optimizer, scaler, saved) if saved is not None else _Progress()
         state_every = settings.save_every or DEFAULT_STATE_EVERY
         clip_schedule = clip_limits(settings)
-        previewer = PreviewRenderer(base, settings.previews, settings.name, settings.clip_skip) if settings.previews.every else None
+        previewer = None
+        if settings.previews.every:
+            previewer = PreviewRenderer(
+                base, settings.previews, settings.name, settings.clip_skip, settings.save_image_with_stored_embedding
+            )
         files = _run_files(settings, out_dir, done.resumed_from)
         with torch.enable_grad():
             for step in range(done.step + 1, schedule.end_step + 1):
