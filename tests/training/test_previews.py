@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.training.conftest import stop_after
 from training.base_model import BaseModel
 from training.embedding_formats import load_embedding, read_embedding
 from training.previews import PreviewRenderer, PreviewSettings
@@ -69,19 +70,11 @@ def test_previews_follow_the_vectors_the_prompt_and_the_seed(tiny_base: BaseMode
     assert not np.array_equal(first, np.asarray(reseeded.render(vectors, "a photo of mycat")))
 
 
-def _stop_after(step: int):
-    def stop(current: int, loss: float) -> None:
-        if current == step:
-            raise KeyboardInterrupt
-
-    return stop
-
-
 def test_a_resumed_run_with_previews_ends_identical(tiny_base: BaseModel, subject_examples, tmp_path: Path) -> None:
     settings = run_settings(max_steps=5, save_image_with_stored_embedding=False, previews=PreviewSettings(every=1, steps=1))
     whole = train_textual_inversion(tiny_base, subject_examples[:4], settings, tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
-        train_textual_inversion(tiny_base, subject_examples[:4], settings, tmp_path / "cut", progress=_stop_after(3))
+        train_textual_inversion(tiny_base, subject_examples[:4], settings, tmp_path / "cut", progress=stop_after(3))
     resumed = train_textual_inversion(tiny_base, subject_examples[:4], settings, tmp_path / "cut")
     assert resumed.resumed_from == 2
     assert torch.equal(resumed.vectors, whole.vectors) and resumed.losses == whole.losses
