@@ -131,6 +131,30 @@ class TrainingSettings(_Section):
     clip_grad_value: str = Field("0.1", description="webui: clipping limit, a number or a schedule like the rate")
     latent_sampling_method: Literal["once", "deterministic", "random"] = Field("once", description="as in the webui")
     resume: bool = Field(True, description="continue an interrupted run with the same settings from its last state")
+    initialization_embedding: str = Field("", description="an embedding file (webui .pt, diffusers .safetensors/.bin, "
+                                          "kohya emb_params, PNG) used instead of initialization_text; relative to "
+                                          "the dataset folder")
+    overwrite_old_embedding: bool = Field(True, description="webui: overwrite old embedding; false continues from "
+                                          "the dataset's existing final embedding")
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit needs a usable bitsandbytes")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay, on the embedding's vectors only")
+    create_image_every: int = Field(0, ge=0, description="webui: save an image to log directory every N steps, 0 "
+                                    "to disable")
+    preview_prompt: str = Field("", description="webui: preview prompt; empty: the training prompt of that step")
+    preview_negative_prompt: str = Field("", description="webui: negative prompt of the preview")
+    preview_seed: int = Field(0, ge=0, description="webui: seed of the preview (fixed, so previews compare)")
+    preview_steps: int = Field(20, ge=1, le=500, description="webui: sampling steps of the preview")
+    preview_cfg_scale: float = Field(7.0, ge=0, description="webui: CFG scale of the preview")
+    preview_sampler: Literal["ddim", "dpm", "euler", "euler_a", "pndm"] = Field(
+        "euler_a", description="webui: sampling method of the preview")
+    save_image_with_stored_embedding: bool = Field(True, description="webui: save images with embedding in PNG "
+                                                   "chunks (previews and <name>.png)")
+    gradient_checkpointing: bool = Field(False, description="webui: gradient checkpointing (less memory, slower)")
+    attention: Literal["sdpa", "classic"] = Field("sdpa", description="sdpa: torch scaled-dot-product attention; "
+                                                  "classic: plain softmax attention")
+    compile: bool = Field(False, description="torch.compile the UNet (slow first steps, faster after; CUDA)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast dtype; fp16 (with loss "
+                                                           "scaling) needs CUDA, bf16 also runs on CPU")
     loss_warning_threshold: float = Field(0.3, gt=0, description="warn when the final smoothed loss is above this")
     loss_patience_rounds: int = Field(10, ge=1, description="warn when the loss has not fallen for this many rounds")
 

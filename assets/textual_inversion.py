@@ -3,6 +3,7 @@
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from common.atomic import write_text
 from common.hashing import bytes_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
 from training.loss_checks import final_smoothed_loss, rounds_without_improvement
+from training.previews import PreviewSettings
 from training.textual_inversion import (
     TextualInversionSettings,
     TrainingExample,
@@ -38,6 +40,7 @@ from training.textual_inversion import (
 
 STAGE = "textual_inversion"
 RUN_FILE = "training_run.json"
+MAX_PREVIEWS = 20  # previews inlined in the metadata (each is a small PNG in the event log)
 
 
 def training_examples(paths: ProjectPaths, dataset: str) -> list[TrainingExample]:
@@ -55,8 +58,14 @@ def training_examples(paths: ProjectPaths, dataset: str) -> list[TrainingExample
     return examples
 
 
-def trainer_settings(training: TrainingSettings, dataset: str) -> TextualInversionSettings:
-    """The dataset.yaml training section in the trainer's terms; the embedding is named after the dataset by default."""
+def trainer_settings(training: TrainingSettings, dataset: str, dataset_dir: Path | None = None) -> TextualInversionSettings:
+    """The dataset.yaml training section in the trainer's terms; the embedding is named after the dataset by default.
+
+    A relative initialization_embedding is read from the dataset folder, where dataset.yaml is.
+    """
+    initialization = training.initialization_embedding
+    if initialization and dataset_dir is not None and not Path(initialization).is_absolute():
+        initialization = str(dataset_dir / initialization)
     try:
         return TextualInversionSettings(
             name=training.embedding_name or dataset,
@@ -77,6 +86,20 @@ def trainer_settings(training: TrainingSettings, dataset: str) -> TextualInversi
             clip_grad_value=training.clip_grad_value,
             latent_sampling_method=training.latent_sampling_method,
             resume=training.resume,
+            initialization_embedding=initialization,
+            overwrite_old_embedding=training.overwrite_old_embedding,
+            optimizer=training.optimizer,
+            weight_decay=training.weight_decay,
+            save_image_with_stored_embedding=training.save_image_with_stored_embedding,
+            gradient_checkpointing=training.gradient_checkpointing,
+            attention=training.attention,
+            compile=training.compile,
+            mixed_precision=training.mixed_precision,
+            previews=PreviewSettings(
+                every=training.create_image_every, prompt=training.preview_prompt,
+                negative_prompt=training.preview_negative_prompt, seed=training.preview_seed,
+                steps=training.preview_steps, cfg_scale=training.preview_cfg_scale, sampler=training.preview_sampler,
+            ),
         )
     except ValueError as error:
         raise Failure(description=f"datasets/{dataset}/dataset.yaml, training section: {error}") from error
@@ -116,7 +139,7 @@ def textual_inversion(
     examples = training_examples(paths, dataset)
     if not examples:
         raise ValueError(f"dataset {dataset!r} has no prepared images to train on")
-    settings = trainer_settings(training, dataset)
+    settings = trainer_settings(training, dataset, paths.dataset_dir(dataset))
     name = settings.name
     base = base_model.load(device)
     context.log.info(f"training {name!r} on {len(examples)} images, {base.source} on {base.device} ({base.dtype})")
@@ -129,7 +152,8 @@ def textual_inversion(
     out_dir = paths.output_dir(dataset, STAGE)
     started = time.perf_counter()
     result = train_textual_inversion(
-        base, examples, settings, out_dir, progress=progress, latent_cache=paths.data_root() / "cache" / "latents"
+        base, examples, settings, out_dir, progress=progress, latent_cache=paths.data_root() / "cache" / "latents",
+        log=context.log.info,
     )
     elapsed = time.perf_counter() - started
     if result.resumed_from:
@@ -161,11 +185,21 @@ def textual_inversion(
     }
     if "loss_png" in result.files:
         metadata["loss_curve"] = image_md(Path(files["loss_png"]), caption="training loss and learning rate")
+    metadata.update(preview_metadata(result.files))
     return MaterializeResult(
         metadata=metadata,
         data_version=DataVersion(bytes_sha256(vectors.numpy().tobytes())),
         check_results=loss_check_results(result, training, settings),
     )
+
+
+def preview_metadata(files: dict[str, Path]) -> dict[str, MetadataValue]:
+    """The latest MAX_PREVIEWS preview images, one entry per step, so the UI shows how the embedding evolved."""
+    steps = sorted(int(key.split("_")[1]) for key in files if re.fullmatch(r"preview_\d+", key))
+    return {
+        f"preview_step_{step}": image_md(Path(files[f"preview_{step}"]), max_side=256, caption=f"preview at step {step}")
+        for step in steps[-MAX_PREVIEWS:]
+    }
 
 
 def loss_check_results(

@@ -8,7 +8,7 @@ import torch
 from dagster import AssetCheckSeverity, Failure
 
 from assets.dataset_settings import TrainingSettings
-from assets.textual_inversion import loss_check_results, trainer_settings
+from assets.textual_inversion import MAX_PREVIEWS, loss_check_results, preview_metadata, trainer_settings
 from training.textual_inversion import TrainingResult
 
 
@@ -21,6 +21,44 @@ def test_every_training_option_reaches_the_trainer() -> None:
     assert (settings.name, settings.keep_tokens, settings.clip_grad_mode) == ("mycat", 2, "norm")
     assert (settings.clip_grad_value, settings.latent_sampling_method, settings.resume) == ("0.5:10, 0.1", "random", False)
     assert (settings.tag_dropout, settings.shuffle_tags, settings.save_every, settings.learning_rate) == (0.1, True, 5, "0.01")
+
+
+def test_preview_optimizer_initialization_and_acceleration_options_reach_the_trainer(tmp_path) -> None:
+    section = TrainingSettings(
+        create_image_every=50, preview_prompt="a photo of [name]", preview_negative_prompt="blurry", preview_seed=9,
+        preview_steps=12, preview_cfg_scale=5.5, preview_sampler="ddim", save_image_with_stored_embedding=False,
+        optimizer="adamw8bit", weight_decay=0.01, initialization_embedding="init/other.pt",
+        overwrite_old_embedding=False, gradient_checkpointing=True, attention="classic", compile=True,
+        mixed_precision="bf16",
+    )  # fmt: skip
+    settings = trainer_settings(section, "mycat", tmp_path)
+    preview = settings.previews
+    assert (preview.every, preview.prompt, preview.negative_prompt, preview.seed) == (50, "a photo of [name]", "blurry", 9)
+    assert (preview.steps, preview.cfg_scale, preview.sampler) == (12, 5.5, "ddim")
+    assert (settings.save_image_with_stored_embedding, settings.optimizer, settings.weight_decay) == (False, "adamw8bit", 0.01)
+    assert settings.initialization_embedding == str(tmp_path / "init" / "other.pt")  # relative to the dataset folder
+    assert settings.overwrite_old_embedding is False
+    assert (settings.gradient_checkpointing, settings.attention, settings.compile, settings.mixed_precision) == (
+        True, "classic", True, "bf16",
+    )  # fmt: skip
+    absolute = TrainingSettings(initialization_embedding="/models/other.pt")
+    assert trainer_settings(absolute, "mycat", tmp_path).initialization_embedding == "/models/other.pt"
+    defaults = trainer_settings(TrainingSettings(), "mycat", tmp_path)
+    assert (defaults.previews.every, defaults.optimizer, defaults.weight_decay, defaults.mixed_precision) == (0, "adamw", 0.0, "no")
+
+
+def test_the_latest_previews_are_shown_per_step(tmp_path) -> None:
+    from PIL import Image
+
+    files = {}
+    for step in range(10, 10 * (MAX_PREVIEWS + 3), 10):
+        files[f"preview_{step}"] = tmp_path / f"mycat-{step}.png"
+        files[f"preview_{step}_embedding"] = tmp_path / "image_embeddings" / f"mycat-{step}.png"
+        Image.new("RGB", (8, 8), (step % 255, 0, 0)).save(files[f"preview_{step}"])
+    metadata = preview_metadata(files)
+    assert list(metadata) == [f"preview_step_{step}" for step in range(30, 10 * (MAX_PREVIEWS + 3), 10)]
+    assert metadata["preview_step_30"].value.startswith("![preview at step 30](data:image/png;base64,")
+    assert preview_metadata({"webui_pt": tmp_path / "mycat.pt"}) == {}
 
 
 def test_a_bad_option_names_the_file_and_the_fragment() -> None:

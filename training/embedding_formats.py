@@ -91,9 +91,11 @@ def webui_checksum(vectors: torch.Tensor) -> str:
     return f"{value & 0xFFFF:04x}"
 
 
-def save_webui_optim(pt_path: str | os.PathLike[str], vectors: torch.Tensor, optimizer_state: dict) -> Path:
-    """`<embedding>.pt.optim`: the AdamW state the webui resumes from when it continues training this file."""
-    data = {"hash": webui_checksum(vectors), "optimizer_name": "AdamW", "optimizer_state_dict": optimizer_state}
+def save_webui_optim(
+    pt_path: str | os.PathLike[str], vectors: torch.Tensor, optimizer_state: dict, optimizer_name: str = "AdamW"
+) -> Path:
+    """`<embedding>.pt.optim`: the optimizer state the webui resumes from when it continues training this file."""
+    data = {"hash": webui_checksum(vectors), "optimizer_name": optimizer_name, "optimizer_state_dict": optimizer_state}
     return write_bytes(f"{os.fspath(pt_path)}.optim", _torch_bytes(data))
 
 

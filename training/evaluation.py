@@ -90,10 +90,29 @@ def render_cell(
     cfg_scale: float,
     clip_skip: int,
 ) -> Image.Image:
+    return render_conditioned(
+        pipeline,
+        prompt_embeddings(pipeline, prompt, clip_skip),
+        prompt_embeddings(pipeline, negative_prompt, clip_skip),
+        seed,
+        steps,
+        cfg_scale,
+    )
+
+
+def render_conditioned(
+    pipeline: StableDiffusionPipeline,
+    conditioning: torch.Tensor,
+    negative_conditioning: torch.Tensor,
+    seed: int,
+    steps: int,
+    cfg_scale: float,
+) -> Image.Image:
+    """One image from ready conditioning, its noise from its own CPU generator (never torch's global one)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     result = pipeline(
-        prompt_embeds=prompt_embeddings(pipeline, prompt, clip_skip),
-        negative_prompt_embeds=prompt_embeddings(pipeline, negative_prompt, clip_skip),
+        prompt_embeds=conditioning,
+        negative_prompt_embeds=negative_conditioning,
         num_inference_steps=steps,
         guidance_scale=cfg_scale,
         generator=generator,

@@ -135,5 +135,10 @@ def initial_vectors(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, text:
     ids = tokenizer(text, add_special_tokens=False).input_ids
     if not ids:
         return torch.zeros(n_vectors, table.shape[1], dtype=torch.float32)
-    picks = torch.tensor([ids[i % len(ids)] for i in range(n_vectors)], dtype=torch.long)
-    return table[picks.to(table.device)].to(device="cpu", dtype=torch.float32).clone()
+    return fit_vectors(table[torch.tensor(ids, dtype=torch.long, device=table.device)], n_vectors)
+
+
+def fit_vectors(vectors: torch.Tensor, n_vectors: int) -> torch.Tensor:
+    """The webui's fit of initialization vectors to n_vectors: repeated in order, or truncated (float32 CPU copy)."""
+    picks = torch.arange(n_vectors) % vectors.shape[0]
+    return vectors.detach().to(device="cpu", dtype=torch.float32)[picks].clone()

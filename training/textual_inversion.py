@@ -8,7 +8,6 @@ seeded torch.Generator, so a seed gives the same vectors on CPU.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,9 +19,18 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from common.atomic import write_text
-from common.hashing import file_sha256, json_sha256
+from common.hashing import bytes_sha256, file_sha256, json_sha256
+from training.acceleration import (
+    ATTENTION_KINDS,
+    MIXED_PRECISION_MODES,
+    accelerated_unet,
+    autocast,
+    autocast_dtype,
+    needs_loss_scaling,
+)
 from training.base_model import BaseModel
 from training.embedding_formats import (
+    read_embedding,
     save_diffusers_embedding,
     save_kohya_embedding,
     save_webui_optim,
@@ -31,13 +39,16 @@ from training.embedding_formats import (
 )
 from training.latent_cache import LATENT_SAMPLING_METHODS, latent_distributions, sample_latents
 from training.lr_schedule import parse_schedule
+from training.optimizers import OPTIMIZERS, WEBUI_OPTIMIZER_NAMES, make_optimizer
 from training.plots import plot_loss
+from training.previews import PreviewRenderer, PreviewSettings, preview_files
 from training.png_embedding import save_png_embedding
 from training.prompt_encoding import (
     NO_SLOT,
     PlaceholderPrompts,
     check_clip_skip,
     encode_prompts,
+    fit_vectors,
     initial_vectors,
     tokenize_with_placeholder,
 )
@@ -74,8 +85,17 @@ class TextualInversionSettings:
     clip_grad_mode: str = "disabled"  # webui: disabled | value | norm
     clip_grad_value: str = "0.1"  # a number or a schedule in the learning-rate syntax
     latent_sampling_method: str = "once"  # webui: once | deterministic | random
-    save_image_with_stored_embedding: bool = True  # webui: also write <name>.png carrying the embedding
+    save_image_with_stored_embedding: bool = True  # webui: also write <name>.png (and previews) carrying the embedding
     resume: bool = True  # continue from a saved state of the same run (same settings, images, base model)
+    initialization_embedding: str = ""  # an embedding file whose vectors (repeated/truncated) replace initialization_text
+    overwrite_old_embedding: bool = True  # False: start from the existing final <name>.pt in out_dir
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay, on the learned vectors only
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"  # sdpa | classic
+    compile: bool = False  # torch.compile the UNet
+    mixed_precision: str = "no"  # no | fp16 (CUDA) | bf16
+    previews: PreviewSettings = field(default_factory=PreviewSettings)
 
     def __post_init__(self) -> None:
         if not _NAME_PATTERN.fullmatch(self.name):
@@ -108,6 +128,13 @@ class TextualInversionSettings:
                 f"got {self.latent_sampling_method!r}"
             )
         parse_schedule(self.learning_rate, self.max_steps)
+        choices = {"optimizer": (self.optimizer, OPTIMIZERS), "attention": (self.attention, ATTENTION_KINDS),
+                   "mixed_precision": (self.mixed_precision, MIXED_PRECISION_MODES)}  # fmt: skip
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be at least 0, got {self.weight_decay}")
 
 
 @dataclass(frozen=True)
@@ -209,17 +236,6 @@ def check_prompts_fit(
             )
 
 
-def uses_mixed_precision(base: BaseModel) -> bool:
-    """Half weights on CUDA: autocast plus a gradient scaler, as the webui trains. Elsewhere compute in base.dtype."""
-    return base.device.type == "cuda" and base.dtype in (torch.float16, torch.bfloat16)
-
-
-def _autocast(base: BaseModel) -> contextlib.AbstractContextManager:
-    if uses_mixed_precision(base):
-        return torch.autocast(device_type=base.device.type, dtype=base.dtype)
-    return contextlib.nullcontext()
-
-
 # What the UNet learned to predict, by the scheduler's prediction_type: (scheduler, latents, noise, timesteps) -> target.
 _TARGETS: dict[str, Callable[[DDPMScheduler, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "epsilon": lambda scheduler, latents, noise, timesteps: noise,
@@ -251,10 +267,13 @@ class _Trainer:
     latent_std: torch.Tensor
     latents: torch.Tensor | None  # fixed latents for "once" and "deterministic"; None for "random"
     scheduler: DDPMScheduler
+    unet: torch.nn.Module  # the base UNet, or its torch.compile wrapper
+    compute_dtype: torch.dtype | None  # the autocast dtype; None: full precision
     vectors: torch.nn.Parameter
     generator: torch.Generator
     batches: EpochSampler
     encoded: int  # images the VAE encoded in this run (cache misses)
+    last_prompt: str = ""  # the first prompt of the latest micro-batch: the preview prompt by default
 
     def latents_for(self, indices: list[int]) -> torch.Tensor:
         """The batch's latents on the device; "random" draws a fresh sample from each image's distribution."""
@@ -270,6 +289,7 @@ class _Trainer:
             line = self.lines[int(torch.randint(len(self.lines), (1,), generator=self.generator))]
             caption = caption_for_step(self.examples[index].filewords, self.settings, self.generator)
             prompts.append(render_prompt(line, self.settings.name, caption))
+        self.last_prompt = prompts[0]
         return tokenize_with_placeholder(self.base.tokenizer, prompts, self.settings.name, self.settings.vectors_per_token)
 
     def micro_batch_loss(self, indices: list[int]) -> torch.Tensor:
@@ -280,9 +300,9 @@ class _Trainer:
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = _TARGETS[self.scheduler.config.prediction_type](self.scheduler, latents, noise, timesteps)
         prompts = self.prompts_for(indices)
-        with _autocast(self.base):
+        with autocast(self.base.device, self.compute_dtype):
             conditioning = encode_prompts(self.base.text_encoder, prompts, self.vectors, self.settings.clip_skip)
-            prediction = self.base.unet(noisy, timesteps, encoder_hidden_states=conditioning).sample
+            prediction = self.unet(noisy, timesteps, encoder_hidden_states=conditioning).sample
         return F.mse_loss(prediction.float(), target.float())
 
 
@@ -316,7 +336,7 @@ def _save_embedding_pair(
 ) -> None:
     """The webui `.pt` with its `.optim` companion (so the webui can continue training it) and the diffusers file."""
     save_webui_pt(pt_path, settings.name, vectors, step, base.short_hash, base.name)
-    save_webui_optim(pt_path, vectors, optimizer.state_dict())
+    save_webui_optim(pt_path, vectors, optimizer.state_dict(), WEBUI_OPTIMIZER_NAMES[settings.optimizer])
     save_diffusers_embedding(safetensors_path, settings.name, vectors, step=step)
 
 
@@ -346,25 +366,65 @@ def clip_limits(settings: TextualInversionSettings) -> Callable[[int], float | N
     return lambda step: schedule.rate_at(min(step, schedule.end_step))
 
 
-def run_key(base: BaseModel, examples: Sequence[TrainingExample], settings: TextualInversionSettings) -> str:
+def run_key(
+    base: BaseModel, examples: Sequence[TrainingExample], settings: TextualInversionSettings, start: torch.Tensor
+) -> str:
     """What makes two runs the same run: a saved state resumes only under the same key.
 
-    Checkpoint cadence and the resume switch do not change the trained vectors, so they are left out.
+    Checkpoint cadence, previews and the resume switch do not change the trained vectors, so they are left
+    out; the starting vectors are in, so a changed initialization file or continued embedding is a new run.
     """
-    outputs_only = ("save_every", "resume", "save_image_with_stored_embedding")
+    outputs_only = ("save_every", "resume", "save_image_with_stored_embedding", "previews")
     defining = {key: value for key, value in vars(settings).items() if key not in outputs_only}
     images = [[str(example.image_path), file_sha256(example.image_path), example.filewords] for example in examples]
-    return json_sha256({"settings": defining, "images": images, "base_model": base.fingerprint})
+    return json_sha256({
+        "settings": defining, "images": images, "base_model": base.fingerprint,
+        "start": bytes_sha256(start.to(torch.float32).numpy().tobytes()),
+    })  # fmt: skip
+
+
+def _vectors_from_file(path: Path, settings: TextualInversionSettings, hidden: int) -> torch.Tensor:
+    vectors = read_embedding(path).vectors
+    if vectors.shape[1] != hidden:
+        raise ValueError(
+            f"{path}: vectors of size {vectors.shape[1]} do not fit this model's text encoder ({hidden}); "
+            "was it trained for another base model family (SD 2.x, SDXL)?"
+        )
+    return fit_vectors(vectors, settings.vectors_per_token)
+
+
+def starting_vectors(base: BaseModel, settings: TextualInversionSettings, out_dir: Path) -> tuple[torch.Tensor, str]:
+    """The vectors training starts from, and where they came from (for the log).
+
+    In the webui's order: the existing embedding when it is not to be overwritten, else an initialization
+    embedding file (webui .pt, diffusers, kohya or PNG), else the initialization text's token vectors.
+    """
+    hidden = base.text_encoder.get_input_embeddings().embedding_dim
+    existing = Path(out_dir) / f"{settings.name}.pt"
+    if not settings.overwrite_old_embedding and existing.is_file():
+        return _vectors_from_file(existing, settings, hidden), f"continued from {existing}"
+    if settings.initialization_embedding:
+        path = Path(settings.initialization_embedding)
+        return _vectors_from_file(path, settings, hidden), f"initialized from {path}"
+    text = settings.initialization_text
+    vectors = initial_vectors(base.tokenizer, base.text_encoder, text, settings.vectors_per_token)
+    return vectors, f"initialized from the text {text!r}"
 
 
 def _start(
-    base: BaseModel, examples: Sequence[TrainingExample], settings: TextualInversionSettings, latent_cache: Path | None
+    base: BaseModel,
+    examples: Sequence[TrainingExample],
+    settings: TextualInversionSettings,
+    latent_cache: Path | None,
+    start: torch.Tensor,
+    unet: torch.nn.Module,
 ) -> _Trainer:
     if not examples:
         raise ValueError("textual inversion needs at least one training example")
     if settings.batch_size > len(examples):
         raise ValueError(f"batch_size {settings.batch_size} is larger than the {len(examples)} training examples")
     check_clip_skip(base.text_encoder, settings.clip_skip)
+    compute_dtype = autocast_dtype(settings.mixed_precision, base.device, base.dtype)
     scheduler = noise_scheduler(base)
     lines = training_template(settings)
     check_prompts_fit(base, examples, lines, settings)
@@ -374,7 +434,6 @@ def _start(
     )
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
     fixed = {"once": lambda: sample_latents(mean, std, generator), "deterministic": lambda: mean, "random": lambda: None}
-    start = initial_vectors(base.tokenizer, base.text_encoder, settings.initialization_text, settings.vectors_per_token)
     return _Trainer(
         base=base,
         settings=settings,
@@ -384,6 +443,8 @@ def _start(
         latent_std=std,
         latents=fixed[settings.latent_sampling_method](),
         scheduler=scheduler,
+        unet=unet,
+        compute_dtype=compute_dtype,
         vectors=torch.nn.Parameter(start.to(base.device)),
         generator=generator,
         batches=EpochSampler(len(examples), settings.batch_size, generator),
@@ -472,6 +533,17 @@ def _save_checkpoint(
     files.update(paths)
 
 
+def _run_files(settings: TextualInversionSettings, out_dir: Path, resumed_from: int) -> dict[str, Path]:
+    """The checkpoints and previews written before a resume: they are still this run's."""
+    files: dict[str, Path] = {}
+    for step in range(1, resumed_from + 1):
+        if settings.save_every and step % settings.save_every == 0:
+            files.update(_checkpoint_files(out_dir, settings.name, step))
+        if settings.previews.every and step % settings.previews.every == 0:
+            files.update(preview_files(out_dir, settings.name, step, settings.save_image_with_stored_embedding))
+    return files
+
+
 def train_textual_inversion(
     base: BaseModel,
     examples: Sequence[TrainingExample],
@@ -479,41 +551,54 @@ def train_textual_inversion(
     out_dir: Path,
     progress: Callable[[int, float], None] | None = None,
     latent_cache: Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TrainingResult:
     """Train, writing `<name>.pt`, `learned_embeds.safetensors`, `loss.csv`, `loss.png` (and checkpoints) atomically.
 
     Runs until the learning-rate schedule ends (max_steps, or earlier if the schedule says so, as in the webui).
     The full state goes to `checkpoints/training_state.pt` with every checkpoint (every DEFAULT_STATE_EVERY
     steps when save_every is 0); a later call for the same run continues from it unless `resume` is off.
+    Previews (every previews.every steps) go to `images/` and, carrying the embedding, `image_embeddings/`.
     """
     out_dir = Path(out_dir)
     schedule = parse_schedule(settings.learning_rate, settings.max_steps)
-    trainer = _start(base, examples, settings, latent_cache)
-    optimizer = torch.optim.AdamW([trainer.vectors], lr=schedule.rate_at(1), weight_decay=0.0)
-    scaler = torch.amp.GradScaler(base.device.type, enabled=uses_mixed_precision(base))
-    key = run_key(base, examples, settings)
-    state_path = out_dir / "checkpoints" / STATE_FILE
-    saved = load_state(state_path, key) if settings.resume else None
-    done = _restore(trainer, optimizer, scaler, saved) if saved is not None else _Progress()
-    state_every = settings.save_every or DEFAULT_STATE_EVERY
-    clip_schedule = clip_limits(settings)
-    files: dict[str, Path] = {}
-    with torch.enable_grad():
-        for step in range(done.step + 1, schedule.end_step + 1):
-            rate = schedule.rate_at(step)
-            loss = _optimizer_step(trainer, optimizer, scaler, step, rate, clip_schedule(step))
-            done.step = step
-            done.losses.append(loss)
-            done.rates.append(rate)
-            if settings.save_every and step % settings.save_every == 0:
-                _save_checkpoint(trainer, optimizer, step, out_dir, files)
-            if step % state_every == 0 and step < schedule.end_step:
-                save_state(state_path, _capture(trainer, optimizer, scaler, done, key))
-            if progress is not None:
-                progress(step, loss)
-    if settings.save_every:  # checkpoints written before a resume are still this run's
-        for step in range(settings.save_every, done.resumed_from + 1, settings.save_every):
-            files.update(_checkpoint_files(out_dir, settings.name, step))
+    start, origin = starting_vectors(base, settings, out_dir)
+    if log is not None:
+        log(f"embedding {settings.name!r} {origin}")
+    with accelerated_unet(
+        base.unet, attention=settings.attention, gradient_checkpointing=settings.gradient_checkpointing,
+        compile_unet=settings.compile,
+    ) as unet:  # fmt: skip
+        trainer = _start(base, examples, settings, latent_cache, start, unet)
+        optimizer = make_optimizer(settings.optimizer, [trainer.vectors], schedule.rate_at(1), settings.weight_decay)
+        scaler = torch.amp.GradScaler(base.device.type, enabled=needs_loss_scaling(base.device, trainer.compute_dtype))
+        key = run_key(base, examples, settings, start)
+        state_path = out_dir / "checkpoints" / STATE_FILE
+        saved = load_state(state_path, key) if settings.resume else None
+        done = _restore(trainer, optimizer, scaler, saved) if saved is not None else _Progress()
+        state_every = settings.save_every or DEFAULT_STATE_EVERY
+        clip_schedule = clip_limits(settings)
+        previewer = None
+        if settings.previews.every:
+            previewer = PreviewRenderer(
+                base, settings.previews, settings.name, settings.clip_skip, settings.save_image_with_stored_embedding
+            )
+        files = _run_files(settings, out_dir, done.resumed_from)
+        with torch.enable_grad():
+            for step in range(done.step + 1, schedule.end_step + 1):
+                rate = schedule.rate_at(step)
+                loss = _optimizer_step(trainer, optimizer, scaler, step, rate, clip_schedule(step))
+                done.step = step
+                done.losses.append(loss)
+                done.rates.append(rate)
+                if settings.save_every and step % settings.save_every == 0:
+                    _save_checkpoint(trainer, optimizer, step, out_dir, files)
+                if previewer is not None and step % settings.previews.every == 0:
+                    files.update(previewer.save(trainer.vectors, trainer.last_prompt, step, out_dir))
+                if step % state_every == 0 and step < schedule.end_step:
+                    save_state(state_path, _capture(trainer, optimizer, scaler, done, key))
+                if progress is not None:
+                    progress(step, loss)
     vectors = trainer.vectors.detach().to(device="cpu", dtype=torch.float32).clone()
     steps = schedule.end_step
     files["webui_pt"] = out_dir / f"{settings.name}.pt"

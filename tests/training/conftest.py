@@ -44,3 +44,13 @@ def subject_examples(tmp_path_factory: pytest.TempPathFactory) -> list[TrainingE
     folder = tmp_path_factory.mktemp("subject")
     rng = np.random.default_rng(0)
     return [TrainingExample(write_subject_image(folder / f"{index:02d}.png", rng), SUBJECT_CAPTION) for index in range(32)]
+
+
+def stop_after(step: int):
+    """A progress callback that interrupts training after `step`, as Ctrl-C would."""
+
+    def stop(current: int, loss: float) -> None:
+        if current == step:
+            raise KeyboardInterrupt
+
+    return stop

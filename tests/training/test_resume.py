@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.training.conftest import stop_after
 from training.base_model import BaseModel
 from training.textual_inversion import TextualInversionSettings, train_textual_inversion
 
@@ -64,30 +65,22 @@ def test_a_run_killed_with_sigkill_resumes_to_identical_bytes(
     assert not (interrupted / "checkpoints" / "training_state.pt").exists()  # finished: nothing left to resume
 
 
-def _stop_after(step: int):
-    def stop(current: int, loss: float) -> None:
-        if current == step:
-            raise KeyboardInterrupt
-
-    return stop
-
-
 def test_only_the_same_run_resumes(tiny_base: BaseModel, subject_examples, tmp_path: Path) -> None:
     examples, settings = subject_examples[:4], run_settings(latent_sampling_method="once")
     with pytest.raises(KeyboardInterrupt):
-        train_textual_inversion(tiny_base, examples, settings, tmp_path, progress=_stop_after(3))
+        train_textual_inversion(tiny_base, examples, settings, tmp_path, progress=stop_after(3))
     changed = dataclasses.replace(settings, learning_rate="0.03")
     assert train_textual_inversion(tiny_base, examples, changed, tmp_path / "other").resumed_from == 0
     with pytest.raises(KeyboardInterrupt):
-        train_textual_inversion(tiny_base, examples, settings, tmp_path, progress=_stop_after(3))
+        train_textual_inversion(tiny_base, examples, settings, tmp_path, progress=stop_after(3))
     assert train_textual_inversion(tiny_base, examples, changed, tmp_path).resumed_from == 0  # other settings: fresh
 
     with pytest.raises(KeyboardInterrupt):
-        train_textual_inversion(tiny_base, examples, settings, tmp_path, progress=_stop_after(3))
+        train_textual_inversion(tiny_base, examples, settings, tmp_path, progress=stop_after(3))
     fresh = train_textual_inversion(tiny_base, examples, dataclasses.replace(settings, resume=False), tmp_path)
     assert fresh.resumed_from == 0
     with pytest.raises(KeyboardInterrupt):
-        train_textual_inversion(tiny_base, examples, settings, tmp_path, progress=_stop_after(3))
+        train_textual_inversion(tiny_base, examples, settings, tmp_path, progress=stop_after(3))
     resumed = train_textual_inversion(tiny_base, examples, dataclasses.replace(settings, save_every=3), tmp_path)
     assert resumed.resumed_from == 2  # the checkpoint cadence is not part of what defines the run
     assert torch.equal(resumed.vectors, fresh.vectors)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from training.base_model import load_base_model
+from training.previews import PreviewSettings
 from training.textual_inversion import TextualInversionSettings, TrainingExample, train_textual_inversion
 
 
@@ -22,7 +23,7 @@ def main(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     base = load_base_model(job["model"], device="cpu", dtype=torch.float32)
     examples = [TrainingExample(Path(path), caption) for path, caption in job["examples"]]
-    settings = TextualInversionSettings(**job["settings"])
+    settings = TextualInversionSettings(**{**job["settings"], "previews": PreviewSettings(**job["settings"]["previews"])})
     assert dataclasses.asdict(settings) == job["settings"]
 
     def die_at(step: int, loss: float) -> None:

@@ -1,0 +1,100 @@
+"""Preview images during textual-inversion training, as the webui's "save an image every N steps".
+
+Why the learned vectors are spliced into the prompt here instead of loading the embedding into the
+pipeline: loading modifies the shared tokenizer and text encoder; splicing uses the same code path as the
+training loss, so a preview shows exactly what the step trained. Each preview draws its noise from its
+own generator seeded with preview_seed, so previews never advance the training generator and a run with
+previews ends with the same vectors as one without.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from common.atomic import write_bytes
+from training.base_model import BaseModel
+from training.embedding_formats import webui_embedding_dict
+from training.evaluation import SAMPLERS, build_pipeline, prompt_embeddings, render_conditioned
+from training.png_embedding import save_png_embedding
+from training.prompt_encoding import encode_prompts, tokenize_with_placeholder
+from training.templates import render_prompt
+
+IMAGES_DIR = "images"  # the webui's folder names under the embedding's log directory
+IMAGE_EMBEDDINGS_DIR = "image_embeddings"
+
+
+@dataclass(frozen=True)
+class PreviewSettings:
+    every: int = 0  # webui: create_image_every (0: no previews)
+    prompt: str = ""  # "" = the training prompt of that step; [name] is substituted
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = "euler_a"  # the webui's default sampler, Euler a
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"create_image_every must be at least 0, got {self.every}")
+        if self.steps < 1:
+            raise ValueError(f"preview_steps must be at least 1, got {self.steps}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"preview_cfg_scale must be at least 0, got {self.cfg_scale}")
+        if self.seed < 0:
+            raise ValueError(f"preview_seed must be at least 0, got {self.seed}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"preview_sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+
+
+class PreviewRenderer:
+    """Renders and saves the previews of one run over the shared, frozen base model."""
+
+    def __init__(
+        self, base: BaseModel, settings: PreviewSettings, name: str, clip_skip: int, with_embedding: bool = True
+    ) -> None:
+        """with_embedding (webui: save_image_with_stored_embedding): also write a PNG that carries the embedding."""
+        self.base, self.settings, self.name, self.clip_skip = base, settings, name, clip_skip
+        self.with_embedding = with_embedding
+        self.pipeline: StableDiffusionPipeline = build_pipeline(base, settings.sampler)
+
+    def prompt_for(self, training_prompt: str) -> str:
+        return render_prompt(self.settings.prompt, self.name, "") if self.settings.prompt else training_prompt
+
+    @torch.no_grad()
+    def render(self, vectors: torch.Tensor, prompt: str) -> Image.Image:
+        tokens = tokenize_with_placeholder(self.base.tokenizer, [prompt], self.name, vectors.shape[0])
+        conditioning = encode_prompts(self.base.text_encoder, tokens, vectors.detach(), self.clip_skip)
+        negative = prompt_embeddings(self.pipeline, self.settings.negative_prompt, self.clip_skip)
+        return render_conditioned(
+            self.pipeline, conditioning.to(self.base.dtype), negative.to(self.base.dtype),
+            self.settings.seed, self.settings.steps, self.settings.cfg_scale,
+        )  # fmt: skip
+
+    def save(self, vectors: torch.Tensor, training_prompt: str, step: int, out_dir: Path) -> dict[str, Path]:
+        """`images/<name>-<step>.png` and, when asked, `image_embeddings/<name>-<step>.png` (the webui's layout)."""
+        image = self.render(vectors, self.prompt_for(training_prompt))
+        files = preview_files(out_dir, self.name, step, self.with_embedding)
+        write_bytes(files[f"preview_{step}"], _png_bytes(image))
+        if self.with_embedding:
+            data = webui_embedding_dict(self.name, vectors, step, self.base.short_hash, self.base.name)
+            save_png_embedding(files[f"preview_{step}_embedding"], image, data)
+        return files
+
+
+def preview_files(out_dir: Path, name: str, step: int, with_embedding: bool) -> dict[str, Path]:
+    files = {f"preview_{step}": out_dir / IMAGES_DIR / f"{name}-{step}.png"}
+    if with_embedding:
+        files[f"preview_{step}_embedding"] = out_dir / IMAGE_EMBEDDINGS_DIR / f"{name}-{step}.png"
+    return files
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
