@@ -7,6 +7,9 @@ pair per (model, floor), shared by every dataset, and the dataset's score table 
 
 Only scores above a small floor are stored: a real WD14 model has ~10,000 tags of which a few dozen score
 above 0.01, so the floor makes the table a hundred times smaller and the caption step that much faster.
+
+`ResultStore`, `images_to_run` and `status_table` are the model-independent part, shared with the BLIP
+captions (tagging.blip), which are cached the same way per (image hash, model, generation settings).
 """
 
 from __future__ import annotations
