@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.hashing import json_sha256
 from tagging.captions import KAOMOJI
@@ -80,6 +80,18 @@ class TaggingSettings(_Section):
     batch_size: int = Field(8, ge=1, le=1024, description="images per model call (fixed-batch models use theirs)")
     score_floor: float = Field(0.01, ge=0, lt=1, description="scores at or below this are not stored")
     workers: int = Field(0, ge=0, le=64, description="decoding processes beside the model; 0: cores - 1")
+    blip_model: str | None = Field(None, description="a local BLIP captioning folder (BlipForConditionalGeneration); "
+                                   "null: no BLIP captions")
+    blip_prompt: str = Field("", description="BLIP: text the caption continues (e.g. 'a picture of'); kept in it")
+    num_beams: int = Field(1, ge=1, le=16, description="BLIP: beam search width (webui: num_beams)")
+    min_length: int = Field(24, ge=0, le=512, description="BLIP: minimum caption length in tokens (webui: 24)")
+    max_length: int = Field(48, ge=1, le=512, description="BLIP: maximum caption length in tokens (webui: 48)")
+
+    @model_validator(mode="after")
+    def _lengths_ordered(self) -> TaggingSettings:
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length ({self.min_length}) is above max_length ({self.max_length})")
+        return self
 
 
 class CaptionSettings(_Section):
@@ -110,6 +122,9 @@ class CaptionSettings(_Section):
     drop_frequent_above: float | None = Field(None, ge=0, le=1, description="drop tags in more than this "
                                               "fraction of images (subject features)")
     subject_tags: tuple[str, ...] = Field((), description="subject features to drop, listed by hand")
+    filewords_source: Literal["tags", "blip", "blip_and_tags"] = Field(
+        "tags", description="what the caption ([filewords], .txt sidecar) is made of: the tags, the BLIP caption, "
+        "or the BLIP caption followed by the tags")
 
 
 class TrainingSettings(_Section):

@@ -26,7 +26,7 @@ from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
 from assets.prepared_images import STAGE as PREPARED
 from assets.prepared_images import kept_rows, manifest_path
-from assets.tag_scores import scores_path, tag_scores
+from assets.tag_scores import blip_captions_path, scores_path, tag_scores
 from common.atomic import write_parquet, write_text
 from common.hashing import file_sha256
 from resources import ProjectPaths
@@ -59,6 +59,15 @@ def existing_captions(manifest: pd.DataFrame) -> dict[str, str]:
     (so a caption edit reaches here through raw_images and prepared_images). Flipped copies share it."""
     present = manifest[manifest["source_caption"].notna()]
     return dict(zip(present["output"], present["source_caption"].astype(str)))
+
+
+def blip_captions(paths: ProjectPaths, dataset: str) -> dict[str, str]:
+    """The BLIP caption of each prepared image that has one (none when BLIP is off, or tag_scores predates it)."""
+    path = blip_captions_path(paths, dataset)
+    if not path.is_file():
+        return {}
+    table = pd.read_parquet(path, columns=["image", "blip_caption"])
+    return dict(zip(table["image"].astype(str), table["blip_caption"].astype(str)))
 
 
 def frequency_chart(frequency: pd.DataFrame, *, top: int = 25) -> Image.Image:
@@ -97,10 +106,11 @@ def write_sidecars(folder: Path, captions: pd.DataFrame) -> int:
     partitions_def=datasets_partitions,
     deps=[tag_scores, settings_assets["captions"]],
     group_name="tagging",
-    code_version="2",
+    code_version="3",
     check_specs=[AssetCheckSpec("every_image_captioned", asset=STAGE, description="one caption row per prepared image")],
     description="Captions from the tag scores with the dataset's caption settings (thresholds per category or "
-    "MCut, undesired tags, replacements, ordering, subject-feature removal, sidecar captions); a Parquet "
+    "MCut, undesired tags, replacements, ordering, subject-feature removal, sidecar captions, BLIP captions "
+    "alone or before the tags); a Parquet "
     "table, a per-tag frequency table and .txt sidecars.",
 )
 def tag_table(context: AssetExecutionContext, paths: ProjectPaths) -> MaterializeResult:
@@ -112,9 +122,13 @@ def tag_table(context: AssetExecutionContext, paths: ProjectPaths) -> Materializ
     backend = str(scores["backend"].iloc[0]) if len(scores) else "wd14"
     options = caption_options(settings, backend)
     existing = existing_captions(manifest) if options.existing_caption != "ignore" else {}
+    blip = blip_captions(paths, dataset)
+    if options.filewords_source != "tags" and not blip:
+        context.log.warning(f"captions.filewords_source is {options.filewords_source} but there are no BLIP captions "
+                            "(set tagging.blip_model); the captions use the tags")
 
     started = time.perf_counter()
-    result = build_captions(scores, options, images=list(manifest["output"]), existing=existing)
+    result = build_captions(scores, options, images=list(manifest["output"]), existing=existing, blip=blip)
     seconds = time.perf_counter() - started
     captions, frequency = result.captions, result.frequency
     target = captions_path(paths, dataset)
@@ -132,6 +146,8 @@ def tag_table(context: AssetExecutionContext, paths: ProjectPaths) -> Materializ
             "caption_seconds": round(seconds, 4),
             "sidecars_rewritten": rewritten,
             "existing_captions": len(existing),
+            "blip_captions": len(blip),
+            "filewords_source": options.filewords_source,
             "general_threshold": options.general_threshold,
             "character_threshold": options.character_threshold,
             "empty_captions": int((captions["tag_count"] == 0).sum()),

@@ -16,18 +16,8 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from embedded.corpus import WORDS as _CORPUS
 from training.clip_tokenizer_files import BOS, EOS, base_tokens, write_tokenizer_files
-
-# Words the tokenizer learns whole; everything else falls back to byte-level pieces, as in real CLIP.
-_CORPUS = """
-a an the of in on at with and by for to from my one two this that its his her their
-photo picture rendering painting drawing sketch illustration image render art style artwork
-close up cropped dark bright clean dirty good bad large small big little cool weird nice
-beautiful pretty cute face hat character person girl boy man woman cat dog animal creature
-red orange yellow green blue purple pink white black grey gray brown colour color colours
-background simple solo stripes striped gradient noise flat round pointed eyes eye portrait
-theme rating general sensitive questionable explicit high quality masterpiece best worst
-""".split()
 
 
 def build_clip_bpe(words: list[str]) -> tuple[dict[str, int], list[str]]:

@@ -54,3 +54,10 @@ class TaggerResource(ConfigurableResource):
         from tagging.wd14 import WD14Tagger
 
         return WD14Tagger(folder, threads=self.threads or None)
+
+    def load_blip(self, folder: str, device: TorchDevice) -> "tagging.blip.BlipCaptioner":  # noqa: F821
+        """The BLIP captioner in a local folder (relative to the project root), on the run's torch device; a bad
+        folder raises BlipModelError naming the missing file, before any image is read."""
+        from tagging.blip import BlipCaptioner
+
+        return BlipCaptioner(resolve(folder), device=str(device.torch_device()), dtype=device.dtype())

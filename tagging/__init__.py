@@ -1,2 +1,3 @@
 """Plain-Python tagging library: safe image decoding, the prepared training set, the WD14 tagger and caption
-rules. It never imports dagster or torch, so it runs (and is tested) without either."""
+rules, and optional BLIP captions. It never imports dagster, and imports torch only inside the BLIP captioner,
+so everything else runs (and is tested) without either."""

@@ -36,9 +36,10 @@ KAOMOJI = (
 # SmilingWolf's reference app never lets MCut push the character threshold below this.
 CHARACTER_MCUT_FLOOR = 0.15
 EXISTING_CAPTION_MODES = ("ignore", "prepend", "append", "replace")
+FILEWORDS_SOURCES = ("tags", "blip", "blip_and_tags")
 _ESCAPED = re.compile(r"([\\()\[\]])")
 _UNESCAPE = re.compile(r"\\(.)")
-CAPTION_COLUMNS = ("image", "caption", "tags", "scores", "tag_count", "keep_tokens")
+CAPTION_COLUMNS = ("image", "caption", "tags", "scores", "tag_count", "keep_tokens", "blip_caption")
 FREQUENCY_COLUMNS = ("tag", "images", "fraction", "dropped")
 # Row groups, in caption order.
 _FIRST, _RATING_FIRST, _CHARACTER, _REST, _RATING_LAST = range(5)
@@ -70,6 +71,7 @@ class CaptionOptions:
     existing_caption: str = "ignore"  # a sidecar caption from the dataset: ignore / prepend / append / replace
     drop_frequent_above: float | None = None  # subject features: drop tags in more than this fraction of images
     subject_tags: tuple[str, ...] = ()  # subject features listed by hand (dropped like exclude_tags)
+    filewords_source: str = "tags"  # the caption is the tags, the BLIP caption, or the BLIP caption then the tags
 
     def __post_init__(self) -> None:
         for name in ("general_threshold", "character_threshold", "rating_threshold"):
@@ -84,6 +86,8 @@ class CaptionOptions:
             raise ValueError(f"rating_position must be 'first' or 'last', got {self.rating_position!r}")
         if self.existing_caption not in EXISTING_CAPTION_MODES:
             raise ValueError(f"existing_caption must be one of {EXISTING_CAPTION_MODES}, got {self.existing_caption!r}")
+        if self.filewords_source not in FILEWORDS_SOURCES:
+            raise ValueError(f"filewords_source must be one of {FILEWORDS_SOURCES}, got {self.filewords_source!r}")
         for pattern in self.exclude_regex:
             try:
                 re.compile(pattern)
@@ -131,13 +135,17 @@ def build_captions(
     *,
     images: Sequence[str] | None = None,
     existing: Mapping[str, str] | None = None,
+    blip: Mapping[str, str] | None = None,
 ) -> CaptionResult:
     """One caption per image from the long score table (image, tag, category, score).
 
     A score must be strictly above its category's threshold (MCut's, when enabled). Images with no tag left
     keep an empty caption so the image list stays complete; `images` adds images that have no score row at
     all. Equal scores are ordered by tag name, so the same scores always give the same caption. `existing`
-    holds sidecar captions that came with the dataset, combined as `options.existing_caption` says.
+    holds sidecar captions that came with the dataset, combined as `options.existing_caption` says. `blip` holds
+    BLIP captions by image (the `blip_caption` column); `options.filewords_source` says whether the caption is
+    made of the tags, the BLIP caption, or the BLIP caption followed by the tags (the BLIP sentence then counts
+    as one leading token that keep_tokens keeps in place). An image without a BLIP caption keeps its tags.
     """
     missing = [column for column in ("image", "tag", "category", "score") if column not in scores.columns]
     if missing:
@@ -165,7 +173,8 @@ def build_captions(
     within = vocab.alpha_rank[out] if options.sort_alphabetically else -score[rows]
     order = np.lexsort((vocab.alpha_rank[out], within, vocab.first_rank[tag_codes[rows]], group, image_codes[rows]))
     rows, out, group = rows[order], out[order], group[order]
-    captions = _assemble(names, image_codes[rows], vocab.outputs[out], score[rows], group, existing or {}, options)
+    captions = _assemble(names, image_codes[rows], vocab.outputs[out], score[rows], group, existing or {}, blip or {},
+                         options)
     table = _frequency_table(vocab.outputs, frequency, drop, len(names))
     return CaptionResult(captions=captions, frequency=table)
 
@@ -315,30 +324,37 @@ def _groups(category: np.ndarray, first_rank: np.ndarray, options: CaptionOption
 
 
 def _assemble(names: list[str], owner: np.ndarray, texts: np.ndarray, scores: np.ndarray, group: np.ndarray,
-              existing: Mapping[str, str], options: CaptionOptions) -> pd.DataFrame:
+              existing: Mapping[str, str], blip: Mapping[str, str], options: CaptionOptions) -> pd.DataFrame:
     """Join the sorted rows into one caption per image (the only per-image Python loop)."""
     bounds = np.searchsorted(owner, np.arange(len(names) + 1)).tolist()
     fixed = [0, *np.cumsum(np.isin(group, (_FIRST, _RATING_FIRST))).tolist()]
     texts, scores = texts.tolist(), scores.tolist()  # slicing lists beats slicing arrays 10,000 times
-    captions, tag_lists, score_lists, counts, keeps = [], [], [], [], []
+    captions, tag_lists, score_lists, counts, keeps, sentences = [], [], [], [], [], []
     for index, name in enumerate(names):
         start, stop = bounds[index], bounds[index + 1]
         tags, values = texts[start:stop], scores[start:stop]
         kept = fixed[stop] - fixed[start]
-        text, tokens = options.separator.join(tags), len(tags)
+        sentence = (blip.get(name) or "").strip()
+        parts = tags
+        if sentence and options.filewords_source == "blip":
+            parts, kept = [sentence], 0
+        elif sentence and options.filewords_source == "blip_and_tags":
+            parts, kept = [sentence, *tags], kept + 1
+        text, tokens = options.separator.join(parts), len(parts)
         sidecar = (existing.get(name) or "").strip()
         if sidecar and options.existing_caption == "replace":
             text, tokens, kept = sidecar, 1, 0
         elif sidecar and options.existing_caption == "prepend":
-            text, tokens, kept = options.separator.join([sidecar, *tags]), tokens + 1, kept + 1
+            text, tokens, kept = options.separator.join([sidecar, *parts]), tokens + 1, kept + 1
         elif sidecar and options.existing_caption == "append":
-            text, tokens = options.separator.join([*tags, sidecar]), tokens + 1
+            text, tokens = options.separator.join([*parts, sidecar]), tokens + 1
         keep = min(kept + options.keep_tokens, tokens)
         captions.append(text)
         tag_lists.append(tags)
         score_lists.append(values)
         counts.append(len(tags))
         keeps.append(keep)
+        sentences.append(sentence)
     return pd.DataFrame(
         {
             "image": pd.Series(names, dtype=object),
@@ -347,6 +363,7 @@ def _assemble(names: list[str], owner: np.ndarray, texts: np.ndarray, scores: np
             "scores": pd.Series(score_lists, dtype=object),
             "tag_count": np.array(counts, dtype=np.int64),
             "keep_tokens": np.array(keeps, dtype=np.int64),
+            "blip_caption": pd.Series(sentences, dtype=object),
         },
         columns=list(CAPTION_COLUMNS),
     )

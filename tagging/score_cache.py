@@ -7,6 +7,9 @@ pair per (model, floor), shared by every dataset, and the dataset's score table 
 
 Only scores above a small floor are stored: a real WD14 model has ~10,000 tags of which a few dozen score
 above 0.01, so the floor makes the table a hundred times smaller and the caption step that much faster.
+
+`ResultStore`, `images_to_run` and `status_table` are the model-independent part, shared with the BLIP
+captions (tagging.blip), which are cached the same way per (image hash, model, generation settings).
 """
 
 from __future__ import annotations
@@ -54,25 +57,55 @@ class ScoringRun:
     images_per_second: float  # over the images actually run through the model (0 when none)
 
 
-class ScoreStore:
-    """Scores of one (model, floor) for every image content ever scored with it: `<key>.parquet` holds
-    (image_sha256, tag_index, score) rows, `<key>.images.parquet` the hashes scored (an image may have no
-    score above the floor, and must still count as done)."""
+class ResultStore:
+    """Per-image results of one key (a model plus whatever settings change its output) for every image content
+    ever processed with it: `<key>.parquet` holds the result rows (keyed by `image_sha256`), `<key>.images.parquet`
+    the hashes processed (an image may have no result row, e.g. no score above the floor, and must still count
+    as done). Tag scores and BLIP captions both live in one of these."""
 
-    def __init__(self, folder: Path, fingerprint: str, floor: float) -> None:
-        self.key = json_sha256({"model": fingerprint, "floor": float(floor)})[:32]
+    def __init__(self, folder: Path, key: dict, empty: pd.DataFrame) -> None:
+        self.key = json_sha256(key)[:32]
         self.rows_path = Path(folder) / f"{self.key}.parquet"
         self.images_path = Path(folder) / f"{self.key}.images.parquet"
+        self._empty = empty
 
     def load(self) -> tuple[pd.DataFrame, set[str]]:
         if not (self.rows_path.is_file() and self.images_path.is_file()):
-            return pd.DataFrame({"image_sha256": [], "tag_index": np.zeros(0, np.int32), "score": np.zeros(0, np.float32)}), set()
+            return self._empty.copy(), set()
         return pd.read_parquet(self.rows_path), set(pd.read_parquet(self.images_path)["image_sha256"])
 
-    def save(self, rows: pd.DataFrame, scored: set[str]) -> None:
-        # Rows first: a run killed in between leaves hashes unlisted (scored again), never listed without rows.
+    def save(self, rows: pd.DataFrame, done: set[str]) -> None:
+        # Rows first: a run killed in between leaves hashes unlisted (run again), never listed without rows.
         write_parquet(self.rows_path, rows.reset_index(drop=True))
-        write_parquet(self.images_path, pd.DataFrame({"image_sha256": sorted(scored)}))
+        write_parquet(self.images_path, pd.DataFrame({"image_sha256": sorted(done)}))
+
+
+class ScoreStore(ResultStore):
+    """Scores of one (model, floor): rows of (image_sha256, tag_index, score)."""
+
+    def __init__(self, folder: Path, fingerprint: str, floor: float) -> None:
+        empty = pd.DataFrame({"image_sha256": [], "tag_index": np.zeros(0, np.int32), "score": np.zeros(0, np.float32)})
+        super().__init__(folder, {"model": fingerprint, "floor": float(floor)}, empty)
+
+
+def images_to_run(images: Sequence[ImageToScore], done: set[str]) -> list[ImageToScore]:
+    """The images whose content the store has not seen, one per content (identical files run once)."""
+    todo: dict[str, ImageToScore] = {}
+    for image in images:
+        if image.sha256 not in done:
+            todo.setdefault(image.sha256, image)
+    return list(todo.values())
+
+
+def status_table(images: Sequence[ImageToScore], pending: Sequence[ImageToScore], skipped: dict[str, str]) -> pd.DataFrame:
+    """STATUS_COLUMNS for every image: skipped (with the reason), processed in this run, or reused."""
+    ran = {image.sha256 for image in pending}
+    return pd.DataFrame(
+        [(image.name, image.sha256, *(("skipped", skipped[image.sha256]) if image.sha256 in skipped
+                                      else ("processed", "") if image.sha256 in ran else ("reused", "")))
+         for image in images],
+        columns=STATUS_COLUMNS,
+    )
 
 
 def score_with_cache(
@@ -86,11 +119,7 @@ def score_with_cache(
 ) -> ScoringRun:
     """Scores above `floor` for `images`, running the model only on contents the store has not seen."""
     cached_rows, scored = store.load()
-    todo: dict[str, ImageToScore] = {}
-    for image in images:
-        if image.sha256 not in scored:
-            todo.setdefault(image.sha256, image)  # identical files are scored once
-    pending = list(todo.values())
+    pending = images_to_run(images, scored)
     fresh, skipped, started = [], {}, time.perf_counter()
     for batch in score_batches(tagger.predict, tagger.recipe, [i.path for i in pending], batch_size=batch_size,
                                workers=workers):
@@ -107,12 +136,7 @@ def score_with_cache(
         scored |= {image.sha256 for image in pending if image.sha256 not in skipped}
         store.save(cached_rows, scored)
 
-    status = pd.DataFrame(
-        [(image.name, image.sha256, *(("skipped", skipped[image.sha256]) if image.sha256 in skipped
-                                      else ("processed", "") if image.sha256 in todo else ("reused", "")))
-         for image in images],
-        columns=STATUS_COLUMNS,
-    )
+    status = status_table(images, pending, skipped)
     scores = _score_table(tagger, cached_rows, status[status["status"] != "skipped"], tagger.fingerprint)
     return ScoringRun(scores=scores, status=status, images_per_second=done / seconds if done and seconds else 0.0)
 

@@ -88,3 +88,54 @@ def test_a_bad_model_folder_fails_before_any_image(few, tmp_path) -> None:
     assert not (paths.data_root() / DATASET / "tables" / "tag_scores.parquet").exists()
     assert not (paths.data_root() / "cache" / "tag_scores").exists() or not any(
         (paths.data_root() / "cache" / "tag_scores").iterdir())
+
+
+def test_blip_captions_reach_the_caption_table_and_filewords(few, embedded_root) -> None:
+    from assets.textual_inversion import training_examples
+
+    defs, paths, _ = few
+    folder = paths.dataset_dir(DATASET)
+    edit_settings(folder, "tagging", blip_model=str(embedded_root / "models" / "tiny-blip"), blip_prompt="a picture of",
+                  min_length=3, max_length=8)
+    edit_settings(folder, "captions", filewords_source="blip_and_tags")
+    tables = paths.data_root() / DATASET / "tables"
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(datasets_partitions.name, [DATASET])
+        run(defs, instance, "prepared_images", "tag_scores", "tag_table")
+        scores = metadata(instance, "tag_scores")
+        assert (scores["blip_processed"], scores["blip_reused"], scores["blip_skipped"]) == (6, 0, 0)
+        blip = pd.read_parquet(tables / "blip_captions.parquet").set_index("image")["blip_caption"]
+        assert len(blip) == 6 and all(text.startswith("a picture of") for text in blip)
+        captions = pd.read_parquet(tables / "captions.parquet").set_index("image")
+        assert captions["blip_caption"].to_dict() == blip.to_dict()
+        assert all(row.caption == ", ".join([row.blip_caption, *row.tags]) for row in captions.itertuples())
+        filewords = {example.image_path.name: example.filewords for example in training_examples(paths, DATASET)}
+        assert filewords == captions["caption"].to_dict()
+
+        run(defs, instance, "tag_scores")
+        again = metadata(instance, "tag_scores")
+        assert (again["blip_processed"], again["blip_reused"]) == (0, 6)
+
+        edit_settings(folder, "captions", filewords_source="blip")
+        run(defs, instance, "tag_table")
+        captions = pd.read_parquet(tables / "captions.parquet")
+        assert list(captions["caption"]) == list(captions["blip_caption"])
+
+        edit_settings(folder, "tagging", blip_model=None)
+        run(defs, instance, "tag_scores", "tag_table")
+        assert metadata(instance, "tag_scores")["blip"] == "off"
+        captions = pd.read_parquet(tables / "captions.parquet")
+        assert (captions["blip_caption"] == "").all()
+        assert list(captions["caption"]) == [", ".join(tags) for tags in captions["tags"]]
+
+
+def test_a_bad_blip_folder_fails_before_any_image(few, tmp_path) -> None:
+    defs, paths, _ = few
+    edit_settings(paths.dataset_dir(DATASET), "tagging", blip_model=str(tmp_path / "no-blip"))
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(datasets_partitions.name, [DATASET])
+        run(defs, instance, "prepared_images")
+        result = run(defs, instance, "tag_scores", succeed=False)
+    message = result.failure_data_for_node("tag_scores").user_failure_data.description
+    assert str(tmp_path / "no-blip") in message and "does not exist" in message
+    assert not (paths.data_root() / DATASET / "tables" / "tag_scores.parquet").exists()

@@ -48,3 +48,10 @@ def solid_image() -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from embedded.tiny_blip import build_tiny_blip
+
+    return build_tiny_blip(tmp_path_factory.mktemp("tiny_blip") / "blip", seed=0)

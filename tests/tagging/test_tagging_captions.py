@@ -208,3 +208,25 @@ def test_an_empty_score_table_still_lists_every_image() -> None:
     result = build_captions(empty, options, images=["a.png"])
     assert result.captions["image"].tolist() == ["a.png"] and result.captions["caption"].tolist() == [""]
     assert result.frequency.empty
+
+
+def test_filewords_source_picks_tags_blip_or_both() -> None:
+    blip = {"a.png": "a drawing of a girl in a hat"}
+    tags = build_captions(SCORES, WD14, blip=blip).captions.set_index("image")
+    assert tags.loc["a.png", "caption"] == ", ".join(tags.loc["a.png", "tags"])
+    assert tags.loc["a.png", "blip_caption"] == "a drawing of a girl in a hat" and tags.loc["b.png", "blip_caption"] == ""
+
+    only = CaptionOptions.for_backend("wd14", filewords_source="blip", keep_tokens=2)
+    table = build_captions(SCORES, only, blip=blip).captions.set_index("image")
+    assert table.loc["a.png", "caption"] == "a drawing of a girl in a hat" and table.loc["a.png", "keep_tokens"] == 1
+    assert table.loc["a.png", "tags"] == tags.loc["a.png", "tags"]  # the tags stay in their own column
+    assert table.loc["b.png", "caption"] == tags.loc["b.png", "caption"]  # no BLIP caption: the tags
+
+    both = CaptionOptions.for_backend("wd14", filewords_source="blip_and_tags", always_first=("solo",), keep_tokens=1,
+                                      existing_caption="append")
+    table = build_captions(SCORES, both, blip=blip, existing={"a.png": "by hand"}).captions.set_index("image")
+    assert table.loc["a.png", "caption"].split(", ")[:2] == ["a drawing of a girl in a hat", "solo"]
+    assert table.loc["a.png", "caption"].endswith(", by hand")
+    assert table.loc["a.png", "keep_tokens"] == 3  # the sentence, the always-first tag, then keep_tokens=1
+    with pytest.raises(ValueError, match="filewords_source"):
+        CaptionOptions.for_backend("wd14", filewords_source="clip")
