@@ -9,6 +9,7 @@ from assets.metadata import image_md, settings_for
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
 from assets.textual_inversion import read_training_run, textual_inversion
+from assets.placement import gpu_op_tags
 from common.hashing import file_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
 from training.evaluation import build_pipeline, render_grid
@@ -22,6 +23,7 @@ STAGE = "evaluation_grid"
     group_name="evaluation",
     code_version="1",
     pool="gpu",
+    op_tags=gpu_op_tags(),
     kinds={"pytorch"},
     description="A grid PNG of the evaluation prompts ([name] = the embedding) x fixed seeds, and each cell.",
 )

@@ -11,6 +11,7 @@ from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
 from assets.prepared_images import STAGE as PREPARED
 from assets.prepared_images import kept_rows, manifest_path, prepared_images
+from assets.placement import gpu_op_tags
 from common.atomic import write_parquet
 from common.hashing import file_sha256
 from resources import ProjectPaths, TaggerResource
@@ -39,6 +40,7 @@ def score_store_dir(paths: ProjectPaths) -> Path:
     group_name="tagging",
     code_version="2",
     pool="gpu",
+    op_tags=gpu_op_tags(),
     kinds={"onnx", "tensorflow"},
     description="Tag scores above a small floor per prepared image (long table: image, tag, category, score), "
     "cached per (image hash, model fingerprint) so only new images or a new model cost inference.",

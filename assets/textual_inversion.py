@@ -25,6 +25,7 @@ from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
 from assets.prepared_images import STAGE as PREPARED, kept_rows, manifest_path, prepared_images
 from assets.tag_table import captions_path, tag_table
+from assets.placement import gpu_op_tags
 from common.atomic import write_text
 from common.hashing import bytes_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
@@ -93,6 +94,7 @@ def read_training_run(paths: ProjectPaths, dataset: str) -> dict:
     group_name="training",
     code_version="1",
     pool="gpu",
+    op_tags=gpu_op_tags(),
     kinds={"pytorch"},
     check_specs=[
         AssetCheckSpec("embedding_is_finite", asset=STAGE, description="no NaN or inf in the vectors"),
