@@ -84,10 +84,9 @@ def _execute(env: dict[str, str], cwd: Path, job: str, partition: str | None) ->
     assert done.returncode == 0, f"{job}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
-def _engine_events(instance: DagsterInstance, run_id: str, prefix: str) -> list:
+def _engine_events(instance: DagsterInstance, run_id: str, text: str) -> list:
     records = instance.get_records_for_run(run_id, of_type=DagsterEventType.ENGINE_EVENT).records
-    return [record.event_log_entry for record in records
-            if record.event_log_entry.dagster_event.message.startswith(prefix)]
+    return [record.event_log_entry for record in records if text in record.event_log_entry.message]
 
 
 def test_demo_graph_steps_run_in_celery_workers_by_queue(celery_env, celery_workers, tmp_path):
@@ -104,7 +103,7 @@ def test_demo_graph_steps_run_in_celery_workers_by_queue(celery_env, celery_work
         for run in runs:
             for entry in _engine_events(instance, run.run_id, "Submitting celery task"):
                 queue_of[entry.step_key] = entry.dagster_event.message.split('to queue "')[1].rstrip('".')
-            for entry in _engine_events(instance, run.run_id, "Executing steps"):
+            for entry in _engine_events(instance, run.run_id, "in celery worker"):
                 metadata = entry.dagster_event.engine_event_data.metadata
                 worker_of[entry.step_key] = metadata["Celery worker"].value
             starts = instance.get_records_for_run(run.run_id, of_type=DagsterEventType.STEP_START).records
