@@ -8,8 +8,8 @@ from dagster import AssetExecutionContext, DataVersion, MaterializeResult, Metad
 from assets.metadata import image_md, settings_for
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
-from assets.textual_inversion import read_training_run, textual_inversion
 from assets.placement import gpu_op_tags
+from assets.textual_inversion import read_training_run, textual_inversion
 from common.hashing import file_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
 from training.evaluation import build_pipeline, render_grid

@@ -9,9 +9,9 @@ from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResu
 from assets.metadata import require_file, settings_for, status_counts, table_md
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
+from assets.placement import gpu_op_tags
 from assets.prepared_images import STAGE as PREPARED
 from assets.prepared_images import kept_rows, manifest_path, prepared_images
-from assets.placement import gpu_op_tags
 from common.atomic import write_parquet
 from common.hashing import file_sha256
 from resources import ProjectPaths, TaggerResource

@@ -23,9 +23,9 @@ from assets.dataset_settings import TrainingSettings
 from assets.metadata import image_md, require_file, settings_for
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
+from assets.placement import gpu_op_tags
 from assets.prepared_images import STAGE as PREPARED, kept_rows, manifest_path, prepared_images
 from assets.tag_table import captions_path, tag_table
-from assets.placement import gpu_op_tags
 from common.atomic import write_text
 from common.hashing import bytes_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
