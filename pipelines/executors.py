@@ -1,7 +1,8 @@
 """The executor of every job, chosen by the environment so one code location serves one machine and many.
 
 SDP_EXECUTOR:
-- `multiprocess` (default): each step in its own process on this machine;
+- `multiprocess` (default): each step in its own process on this machine (Dagster's default executor, so a
+  run's config may still pick `in_process`);
 - `in_process`: every step in the run's process (debugging, the fewest processes);
 - `celery`: steps are Celery tasks on the broker SDP_CELERY_BROKER (results on SDP_CELERY_BACKEND);
   GPU steps go to the `gpu` queue and the rest to `dagster` (see assets/placement.py, deploy/);
@@ -17,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from dagster import ExecutorDefinition, in_process_executor, multiprocess_executor
+from dagster import ExecutorDefinition, in_process_executor, multi_or_in_process_executor
 
 EXECUTOR_ENV = "SDP_EXECUTOR"
 CELERY_BROKER_ENV = "SDP_CELERY_BROKER"
@@ -46,7 +47,7 @@ def executor_from_env(env: Mapping[str, str] | None = None) -> ExecutorDefinitio
     env = os.environ if env is None else env
     name = (env.get(EXECUTOR_ENV) or "multiprocess").strip().lower()
     if name == "multiprocess":
-        return multiprocess_executor
+        return multi_or_in_process_executor
     if name == "in_process":
         return in_process_executor
     if name == "celery":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dagster import Shape, in_process_executor, multiprocess_executor
+from dagster import Shape, in_process_executor, multi_or_in_process_executor
 from dagster._config import process_config
 from dagster._core.instance.config import dagster_instance_config
 
@@ -21,7 +21,8 @@ PG_ENV = {"SDP_PG_HOST": "db.internal", "SDP_PG_PORT": "5433", "SDP_PG_USER": "d
 
 
 def test_executor_is_chosen_by_environment():
-    assert executor_from_env({}) is multiprocess_executor
+    assert executor_from_env({}) is multi_or_in_process_executor
+    assert executor_from_env({"SDP_EXECUTOR": "multiprocess"}) is multi_or_in_process_executor
     assert executor_from_env({"SDP_EXECUTOR": "in_process"}) is in_process_executor
     with pytest.raises(ValueError, match="SDP_CELERY_BROKER and SDP_CELERY_BACKEND"):
         executor_from_env({"SDP_EXECUTOR": "celery"})
