@@ -15,8 +15,11 @@ export TRANSFORMERS_VERBOSITY := error
 export PYTHONPATH := $(CURDIR)
 
 EXTRA_STAMP := $(VENV)/.extra-$(shell cat requirements-deepdanbooru.txt | sha256sum | cut -c1-12)
+SERVERS_STAMP := $(VENV)/.servers-$(shell cat requirements-servers.txt | sha256sum | cut -c1-12)
+# Debian packages of the servers the integration tests start themselves (tests/integration/servers.py).
+SERVER_PACKAGES := postgresql redis-server
 
-.PHONY: setup models demo ui test clean-data
+.PHONY: setup models demo ui test clean-data servers server-packages
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +36,22 @@ $(EXTRA_STAMP): $(STAMP) requirements-deepdanbooru.txt
 	$(VENV)/bin/pip install --quiet -r requirements-deepdanbooru.txt
 	rm -f $(VENV)/.extra-* && touch $(EXTRA_STAMP)
 
+# Installed only when missing (dpkg -s), so a machine that has them is not touched; as root or with sudo.
+server-packages:
+	@missing=""; for pkg in $(SERVER_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+		echo "installing$$missing"; \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
+	fi
+
+# The multi-machine extras: dagster-postgres, dagster-celery, dagster-k8s and their clients.
+$(SERVERS_STAMP): $(STAMP) requirements-servers.txt
+	$(VENV)/bin/pip install --quiet -r requirements-servers.txt
+	rm -f $(VENV)/.servers-* && touch $(SERVERS_STAMP)
+
+servers: server-packages $(SERVERS_STAMP)
+
 models: setup
 	$(PY) -m embedded
 
@@ -42,7 +61,7 @@ demo: models
 ui: models
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-test: setup $(EXTRA_STAMP)
+test: setup $(EXTRA_STAMP) servers
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean-data:

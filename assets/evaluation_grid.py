@@ -8,6 +8,7 @@ from dagster import AssetExecutionContext, DataVersion, MaterializeResult, Metad
 from assets.metadata import image_md, settings_for
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
+from assets.placement import gpu_op_tags
 from assets.textual_inversion import read_training_run, textual_inversion
 from common.hashing import file_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
@@ -22,6 +23,7 @@ STAGE = "evaluation_grid"
     group_name="evaluation",
     code_version="1",
     pool="gpu",
+    op_tags=gpu_op_tags(),
     kinds={"pytorch"},
     description="A grid PNG of the evaluation prompts ([name] = the embedding) x fixed seeds, and each cell.",
 )

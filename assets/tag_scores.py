@@ -11,6 +11,7 @@ from assets.dataset_settings import TaggingSettings
 from assets.metadata import require_file, settings_for, status_counts, table_md
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
+from assets.placement import gpu_op_tags
 from assets.prepared_images import STAGE as PREPARED
 from assets.prepared_images import kept_rows, manifest_path, prepared_images
 from common.atomic import write_parquet
@@ -55,6 +56,7 @@ def blip_settings(settings: TaggingSettings) -> BlipSettings:
     group_name="tagging",
     code_version="3",
     pool="gpu",
+    op_tags=gpu_op_tags(),
     kinds={"onnx", "tensorflow", "pytorch"},
     description="Tag scores above a small floor per prepared image (long table: image, tag, category, score), "
     "cached per (image hash, model fingerprint) so only new images or a new model cost inference; with "

@@ -24,6 +24,7 @@ from assets.dataset_settings import TrainingSettings
 from assets.metadata import image_md, require_file, settings_for
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
+from assets.placement import gpu_op_tags
 from assets.prepared_images import STAGE as PREPARED, kept_rows, manifest_path, prepared_images
 from assets.tag_table import captions_path, tag_table
 from common.atomic import write_text
@@ -116,6 +117,7 @@ def read_training_run(paths: ProjectPaths, dataset: str) -> dict:
     group_name="training",
     code_version="1",
     pool="gpu",
+    op_tags=gpu_op_tags(),
     kinds={"pytorch"},
     check_specs=[
         AssetCheckSpec("embedding_is_finite", asset=STAGE, description="no NaN or inf in the vectors"),

@@ -19,6 +19,7 @@ from dagster import (
 
 from assets import computed_assets, observed_assets
 from pipelines.automation import NIGHTLY_CRON, nightly_when_unsynced, on_change
+from pipelines.executors import executor_from_env
 from pipelines.jobs import all_jobs
 from pipelines.sensors import dataset_sensor
 from resources import BaseModelResource, ProjectPaths, TaggerResource, TorchDevice
@@ -60,14 +61,17 @@ automation_sensor = AutomationConditionSensorDefinition(
 )
 
 
+def build_definitions(resources: dict[str, object] | None = None, executor=None) -> Definitions:
+    """The project's definitions; tests pass their own resources (temporary folders, tiny models).
 
-def build_definitions(resources: dict[str, object] | None = None) -> Definitions:
-    """The project's definitions; tests pass their own resources (temporary folders, tiny models)."""
+    The executor comes from SDP_EXECUTOR (pipelines/executors.py) unless one is passed.
+    """
     return Definitions(
         assets=[*observed_assets, *map_asset_specs(_with_automation, computed_assets)],
         jobs=all_jobs,
         sensors=[dataset_sensor, automation_sensor],
         resources=resources if resources is not None else resources_from_env(),
+        executor=executor if executor is not None else executor_from_env(),
     )
 
 

@@ -1,0 +1,75 @@
+"""Fixtures for the tests against real servers: one PostgreSQL and one Redis per test module, and a small
+copy of the demo dataset (few images, a few training steps) so a whole graph run stays short."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.servers import Postgres, Redis, postgres_server, redis_server
+
+PROJECT = Path(__file__).resolve().parents[2]
+DATASET = "demo"
+# Four images cover the decoder paths of the demo set: PNG, RGBA PNG with transparency, JPEG.
+IMAGES = ("demo_000.png", "demo_001.png", "demo_002.png", "demo_003.jpg")
+SMALL_SETTINGS = {
+    "preprocess": {"flip": False, "min_images": 1},
+    "training": {"max_steps": 2, "batch_size": 2, "gradient_accumulation_steps": 1, "save_embedding_every": 0},
+    "evaluation": {"prompts": ["a photo of [name]"], "seeds": [1], "steps": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis_broker() -> Iterator[Redis]:
+    with redis_server() as server:
+        yield server
+
+
+def small_project(root: Path, embedded_root: Path) -> dict[str, str]:
+    """datasets/demo with IMAGES and SMALL_SETTINGS under `root`; returns the SDP_* environment for it."""
+    source = embedded_root / "datasets" / DATASET
+    target = root / "datasets" / DATASET
+    target.mkdir(parents=True)
+    for name in IMAGES:
+        shutil.copy2(source / name, target / name)
+    settings = yaml.safe_load((source / "dataset.yaml").read_text())
+    for section, values in SMALL_SETTINGS.items():
+        settings.setdefault(section, {}).update(values)
+    (target / "dataset.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    return {
+        "SDP_DATASETS_DIR": str(root / "datasets"),
+        "SDP_DATA_DIR": str(root / "data"),
+        "SDP_WD14_MODEL": str(embedded_root / "models" / "tiny-wd14"),
+        "SDP_BASE_MODEL": str(embedded_root / "models" / "tiny-sd"),
+        "SDP_DEVICE": "cpu",
+        "SDP_PRECISION": "fp32",
+    }
+
+
+def instance_home(root: Path, variant: str) -> Path:
+    """A temporary DAGSTER_HOME holding the project's own dagster_home/<variant>/dagster.yaml."""
+    home = root / "dagster_home"
+    home.mkdir(parents=True)
+    shutil.copy2(PROJECT / "dagster_home" / variant / "dagster.yaml", home / "dagster.yaml")
+    return home
+
+
+def subprocess_env(extra: dict[str, str]) -> dict[str, str]:
+    """This environment plus `extra`, with the project importable and this interpreter's tools on PATH."""
+    env = {**os.environ, **extra}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DAGSTER_DISABLE_TELEMETRY="1")
+    return env
