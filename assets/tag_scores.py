@@ -50,7 +50,7 @@ def tag_scores(context: AssetExecutionContext, paths: ProjectPaths, tagger: Tagg
     try:
         model = tagger.load(settings.tagger, settings.model)
     except TaggerModelError as error:
-        raise Failure(description=str(error)) from error
+        raise Failure(description=str(error), allow_retries=False) from error
     context.log.info(f"tagger {settings.tagger} from {model.model_dir} on {model.provider}")
     manifest = kept_rows(pd.read_parquet(require_file(manifest_path(paths, dataset), PREPARED)))
     images = [

@@ -79,7 +79,9 @@ def trainer_settings(training: TrainingSettings, dataset: str) -> TextualInversi
             resume=training.resume,
         )
     except ValueError as error:
-        raise Failure(description=f"datasets/{dataset}/dataset.yaml, training section: {error}") from error
+        raise Failure(
+            description=f"datasets/{dataset}/dataset.yaml, training section: {error}", allow_retries=False
+        ) from error
 
 
 def read_training_run(paths: ProjectPaths, dataset: str) -> dict:
