@@ -8,6 +8,7 @@ from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResu
 
 from assets.metadata import require_file, settings_for, status_counts, table_md
 from assets.observations import settings_assets
+from assets.oom_retry import GPU_RETRY
 from assets.partitions import datasets_partitions
 from assets.prepared_images import STAGE as PREPARED
 from assets.prepared_images import kept_rows, manifest_path, prepared_images
@@ -39,6 +40,7 @@ def score_store_dir(paths: ProjectPaths) -> Path:
     group_name="tagging",
     code_version="2",
     pool="gpu",
+    retry_policy=GPU_RETRY,
     kinds={"onnx", "tensorflow"},
     description="Tag scores above a small floor per prepared image (long table: image, tag, category, score), "
     "cached per (image hash, model fingerprint) so only new images or a new model cost inference.",

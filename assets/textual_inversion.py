@@ -4,6 +4,7 @@
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +23,7 @@ from dagster import (
 from assets.dataset_settings import TrainingSettings
 from assets.metadata import image_md, require_file, settings_for
 from assets.observations import settings_assets
+from assets.oom_retry import GPU_RETRY, run_with_oom_retry
 from assets.partitions import datasets_partitions
 from assets.prepared_images import STAGE as PREPARED, kept_rows, manifest_path, prepared_images
 from assets.tag_table import captions_path, tag_table
@@ -95,6 +97,7 @@ def read_training_run(paths: ProjectPaths, dataset: str) -> dict:
     group_name="training",
     code_version="1",
     pool="gpu",
+    retry_policy=GPU_RETRY,
     kinds={"pytorch"},
     check_specs=[
         AssetCheckSpec("embedding_is_finite", asset=STAGE, description="no NaN or inf in the vectors"),
@@ -130,8 +133,15 @@ def textual_inversion(
 
     out_dir = paths.output_dir(dataset, STAGE)
     started = time.perf_counter()
-    result = train_textual_inversion(
-        base, examples, settings, out_dir, progress=progress, latent_cache=paths.data_root() / "cache" / "latents"
+
+    def train(batch_size: int, accumulation: int) -> TrainingResult:
+        attempt = replace(settings, batch_size=batch_size, gradient_accumulation_steps=accumulation)
+        return train_textual_inversion(
+            base, examples, attempt, out_dir, progress=progress, latent_cache=paths.data_root() / "cache" / "latents"
+        )
+
+    result, (batch_size, accumulation) = run_with_oom_retry(
+        train, settings.batch_size, settings.gradient_accumulation_steps, context.log
     )
     elapsed = time.perf_counter() - started
     if result.resumed_from:
@@ -151,6 +161,9 @@ def textual_inversion(
         "steps_per_second": (result.steps - result.resumed_from) / elapsed if elapsed > 0 else math.nan,
         "device": f"{base.device} ({str(base.dtype).removeprefix('torch.')})",
         "images": len(examples),
+        "batch_size": batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "oom_retried": (batch_size, accumulation) != (settings.batch_size, settings.gradient_accumulation_steps),
         "processed": result.images_encoded,
         "reused": len(examples) - result.images_encoded,
         "skipped": 0,
