@@ -20,6 +20,7 @@ from dagster import (
 from assets import computed_assets, observed_assets
 from pipelines.automation import NIGHTLY_CRON, nightly_when_unsynced, on_change
 from pipelines.jobs import all_jobs
+from pipelines.run_tags import run_tags_sensor
 from pipelines.sensors import dataset_sensor
 from resources import BaseModelResource, ProjectPaths, TaggerResource, TorchDevice
 
@@ -57,8 +58,8 @@ automation_sensor = AutomationConditionSensorDefinition(
     target=AssetSelection.all(),
     default_status=DefaultSensorStatus.RUNNING,
     description="Runs the eager stages when their inputs change and training/evaluation nightly when unsynced.",
+    run_tags={"trigger": "automation"},
 )
-
 
 
 def build_definitions(resources: dict[str, object] | None = None) -> Definitions:
@@ -66,7 +67,7 @@ def build_definitions(resources: dict[str, object] | None = None) -> Definitions
     return Definitions(
         assets=[*observed_assets, *map_asset_specs(_with_automation, computed_assets)],
         jobs=all_jobs,
-        sensors=[dataset_sensor, automation_sensor],
+        sensors=[dataset_sensor, automation_sensor, run_tags_sensor],
         resources=resources if resources is not None else resources_from_env(),
     )
 
