@@ -21,7 +21,7 @@ from assets import computed_assets, observed_assets
 from pipelines.automation import NIGHTLY_CRON, nightly_when_unsynced, on_change
 from pipelines.jobs import all_jobs
 from pipelines.run_tags import run_tags_sensor
-from pipelines.sensors import dataset_sensor
+from pipelines.sensors import dataset_sensor, sensor_interval
 from resources import BaseModelResource, ProjectPaths, TaggerResource, TorchDevice
 
 EAGER = ("prepared_images", "tag_scores", "tag_table")
@@ -57,6 +57,7 @@ automation_sensor = AutomationConditionSensorDefinition(
     "automation",
     target=AssetSelection.all(),
     default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=sensor_interval(),
     description="Runs the eager stages when their inputs change and training/evaluation nightly when unsynced.",
     run_tags={"trigger": "automation"},
 )

@@ -7,6 +7,7 @@ costs one directory walk and no content hashing.
 
 
 import json
+import os
 
 from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, sensor
 
@@ -22,6 +23,11 @@ from assets.partitions import datasets_partitions
 from resources import ProjectPaths
 
 
+def sensor_interval() -> int:
+    """Seconds between sensor ticks (SDP_SENSOR_INTERVAL_SECONDS, default 30); tests use a few seconds."""
+    return max(1, int(os.environ.get("SDP_SENSOR_INTERVAL_SECONDS") or 30))
+
+
 def _read_cursor(cursor: str | None) -> dict:
     state = json.loads(cursor) if cursor else {}
     if state and "versions" not in state:  # the cursor of earlier versions: {dataset: versions}
@@ -31,7 +37,7 @@ def _read_cursor(cursor: str | None) -> dict:
 
 @sensor(
     name="dataset_folders",
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=sensor_interval(),
     default_status=DefaultSensorStatus.RUNNING,
     description="Adds a partition for each new folder under datasets/ and records new data versions of "
     "its images and settings sections, so the stages that read them become unsynced.",
