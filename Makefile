@@ -15,8 +15,12 @@ export TRANSFORMERS_VERBOSITY := error
 export PYTHONPATH := $(CURDIR)
 
 EXTRA_STAMP := $(VENV)/.extra-$(shell cat requirements-deepdanbooru.txt | sha256sum | cut -c1-12)
+INTEGRATION_STAMP := $(VENV)/.integration-$(shell cat requirements-integration.txt | sha256sum | cut -c1-12)
+SYSTEM_STAMP := $(VENV)/.system-$(shell cat .ci/install-system-packages | sha256sum | cut -c1-12)
+# Steps in pool "gpu" (tagger, training, evaluation) that may run at once on this instance.
+SDP_GPU_POOL_LIMIT ?= 1
 
-.PHONY: setup models demo ui test clean-data
+.PHONY: setup models gpu-pool demo ui test clean-data
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,16 +37,29 @@ $(EXTRA_STAMP): $(STAMP) requirements-deepdanbooru.txt
 	$(VENV)/bin/pip install --quiet -r requirements-deepdanbooru.txt
 	rm -f $(VENV)/.extra-* && touch $(EXTRA_STAMP)
 
+# The integration tests' extras: Playwright (Python package) and Chromium from Debian's packages.
+$(INTEGRATION_STAMP): $(STAMP) requirements-integration.txt
+	$(VENV)/bin/pip install --quiet -r requirements-integration.txt
+	rm -f $(VENV)/.integration-* && touch $(INTEGRATION_STAMP)
+
+$(SYSTEM_STAMP): .ci/install-system-packages | $(STAMP)
+	bash .ci/install-system-packages
+	rm -f $(VENV)/.system-* && touch $(SYSTEM_STAMP)
+
 models: setup
 	$(PY) -m embedded
 
-demo: models
+# The instance's pool limit (stored in dagster_home's database, so it applies to the UI, daemon and demo).
+gpu-pool: setup
+	$(VENV)/bin/dagster instance concurrency set gpu $(SDP_GPU_POOL_LIMIT)
+
+demo: models gpu-pool
 	$(PY) -m pipelines.demo
 
-ui: models
+ui: models gpu-pool
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-test: setup $(EXTRA_STAMP)
+test: setup $(EXTRA_STAMP) $(INTEGRATION_STAMP) $(SYSTEM_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean-data:

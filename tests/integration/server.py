@@ -143,8 +143,12 @@ class DagsterDev:
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever of the group outlived the shutdown
+        except ProcessLookupError:
+            pass
+        self.process.wait()
 
     def log_tail(self, lines: int = 60) -> str:
         path = self.base / "dagster-dev.log"
