@@ -9,6 +9,7 @@ import pytest
 from dagster import instance_for_test
 
 from assets.partitions import datasets_partitions
+from tests.helpers import copy_with_settings
 
 
 def test_corrupt_zero_byte_and_mislabelled_files_are_skipped(project, embedded_root):
@@ -74,9 +75,7 @@ def test_settings_errors_name_file_line_and_key(tmp_path):
 
 def test_one_broken_dataset_does_not_stop_the_others(project):
     defs, paths = project
-    broken = paths.dataset_dir("broken")
-    shutil.copytree(paths.dataset_dir("demo"), broken)
-    (broken / "dataset.yaml").write_text("preprocess:\n  size: 64\n  crop: centr\n")
+    broken = copy_with_settings(paths, "demo", "broken", "preprocess:\n  size: 64\n  crop: centr\n")
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(datasets_partitions.name, ["demo", "broken"])
         job = defs.resolve_job_def("prepare")

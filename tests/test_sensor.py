@@ -8,7 +8,7 @@ from dagster import build_sensor_context, instance_for_test
 
 from assets.partitions import datasets_partitions
 from pipelines.sensors import dataset_sensor
-from tests.helpers import edit_settings
+from tests.helpers import copy_with_settings, edit_settings
 
 
 def _tick(instance, paths, cursor):
@@ -49,9 +49,7 @@ def test_new_folder_then_edits(project):
 
 def test_broken_settings_skip_that_dataset_only(project):
     _, paths = project
-    other = paths.dataset_dir("other")
-    shutil.copytree(paths.dataset_dir("demo"), other)
-    (other / "dataset.yaml").write_text("training: [this is not a mapping\n")
+    copy_with_settings(paths, "demo", "other", "training: [this is not a mapping\n")
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(datasets_partitions.name, ["demo", "other"])
         result = _tick(instance, paths, None)
