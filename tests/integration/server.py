@@ -134,7 +134,7 @@ class DagsterDev:
             [str(dagster), "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(self.port)],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        wait_for("the code location to load", self._loaded, ceiling=240)
+        wait_for("the code location to load", self._loaded, ceiling=600)
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -208,10 +208,10 @@ class DagsterDev:
     def run(self, run_id: str) -> Run:
         return next(run for run in self.runs(runIds=[run_id]))
 
-    def wait_finished(self, run_id: str, ceiling: float = 300) -> Run:
+    def wait_finished(self, run_id: str, ceiling: float = 900) -> Run:
         return wait_for(f"run {run_id} to finish", lambda: (r := self.run(run_id)).status in FINISHED and r, ceiling)
 
-    def wait_idle(self, ceiling: float = 300) -> None:
+    def wait_idle(self, ceiling: float = 900) -> None:
         """No run queued, starting or in progress."""
         wait_for("all runs to finish", lambda: all(run.status in FINISHED for run in self.runs()), ceiling)
 
@@ -229,7 +229,7 @@ class DagsterDev:
         )
         return data["sensorOrError"]["sensorState"]["ticks"]
 
-    def wait_sensor_tick_after(self, sensor: str, moment: float, ceiling: float = 180) -> None:
+    def wait_sensor_tick_after(self, sensor: str, moment: float, ceiling: float = 600) -> None:
         """Until `sensor` has finished an evaluation that started after `moment` (epoch seconds)."""
         wait_for(
             f"a tick of {sensor} after {moment}",

@@ -22,7 +22,7 @@ def _edit_early_in_a_minute() -> None:
 def test_prepare_then_eager_captions_then_nightly_training(dagster_dev: DagsterDev) -> None:
     server = dagster_dev
     # The dataset_folders sensor turns the folder into a partition.
-    wait_for("the demo partition", lambda: DATASET in server.partitions(), ceiling=120)
+    wait_for("the demo partition", lambda: DATASET in server.partitions(), ceiling=300)
 
     prepare = server.wait_finished(server.launch("prepare", DATASET))
     assert prepare.status == "SUCCESS", server.log_tail()
@@ -36,11 +36,11 @@ def test_prepare_then_eager_captions_then_nightly_training(dagster_dev: DagsterD
     settings = yaml.safe_load(settings_file.read_text())
     settings["captions"]["general_threshold"] = 0.02
     settings_file.write_text(yaml.safe_dump(settings))
-    first = wait_for("a run after the edit", lambda: [r for r in server.runs() if r.created > edited], 180)[0]
+    first = wait_for("a run after the edit", lambda: [r for r in server.runs() if r.created > edited], 600)[0]
     assert first.assets == {"tag_table"}, first
     assert server.wait_finished(first.run_id).status == "SUCCESS", server.log_tail()
     # The run_tags sensor tags it, so the UI's run list filters it by dataset and stage.
-    tagged = wait_for("the run tags", lambda: "dataset" in (run := server.run(first.run_id)).tags and run, 120)
+    tagged = wait_for("the run tags", lambda: "dataset" in (run := server.run(first.run_id)).tags and run, 300)
     assert (tagged.tags["dataset"], tagged.tags["stage"]) == (DATASET, "captions")
     assert first.run_id in {run.run_id for run in server.runs(tags=[{"key": "dataset", "value": DATASET}])}
 

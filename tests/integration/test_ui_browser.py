@@ -26,7 +26,7 @@ def test_materialize_the_demo_partition_from_the_ui(dagster_dev: DagsterDev) -> 
     assert CHROMIUM.exists(), "Chromium missing: run .ci/install-system-packages (make test does)"
     server = dagster_dev
     ARTIFACTS.mkdir(exist_ok=True)
-    wait_for("the demo partition", lambda: DATASET in server.partitions(), ceiling=120)
+    wait_for("the demo partition", lambda: DATASET in server.partitions(), ceiling=300)
 
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
@@ -46,11 +46,11 @@ def test_materialize_the_demo_partition_from_the_ui(dagster_dev: DagsterDev) -> 
             run = wait_for(
                 "the run launched from the UI",
                 lambda: [r for r in server.runs() if r.created > clicked - 1 and r.tags.get("dagster/from_ui")],
-                ceiling=120,
+                ceiling=300,
             )[0]
             assert run.assets >= {"prepared_images", "tag_scores", "tag_table", "textual_inversion", "evaluation_grid"}
             assert run.tags["dagster/partition"] == DATASET
-            assert server.wait_finished(run.run_id, ceiling=420).status == "SUCCESS", server.log_tail()
+            assert server.wait_finished(run.run_id, ceiling=900).status == "SUCCESS", server.log_tail()
             assert server.latest_materialization("evaluation_grid", DATASET)["runId"] == run.run_id
 
             page.goto(f"{server.url}/assets/evaluation_grid?partition={DATASET}", wait_until="networkidle")
