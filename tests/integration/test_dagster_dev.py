@@ -47,7 +47,7 @@ def test_prepare_then_eager_captions_then_nightly_training(dagster_dev: DagsterD
     # The nightly tick with unsynced inputs (new captions, no embedding yet): training and evaluation run.
     nightly = wait_for(
         "the nightly training run",
-        lambda: [r for r in server.runs() if r.created > edited and "textual_inversion" in r.assets], 180,
+        lambda: [r for r in server.runs() if r.created > edited and "textual_inversion" in r.assets], 600,
     )[0]
     assert nightly.assets == {"textual_inversion", "evaluation_grid"}, nightly
     assert server.wait_finished(nightly.run_id).status == "SUCCESS", server.log_tail()
