@@ -16,10 +16,12 @@ export PYTHONPATH := $(CURDIR)
 
 EXTRA_STAMP := $(VENV)/.extra-$(shell cat requirements-deepdanbooru.txt | sha256sum | cut -c1-12)
 SERVERS_STAMP := $(VENV)/.servers-$(shell cat requirements-servers.txt | sha256sum | cut -c1-12)
-# Debian packages of the servers the integration tests start themselves (tests/integration/servers.py).
-SERVER_PACKAGES := postgresql redis-server
+INTEGRATION_STAMP := $(VENV)/.integration-$(shell cat requirements-integration.txt | sha256sum | cut -c1-12)
+SYSTEM_STAMP := $(VENV)/.system-$(shell cat .ci/install-system-packages | sha256sum | cut -c1-12)
+# Steps in pool "gpu" (tagger, training, evaluation) that may run at once on this instance.
+SDP_GPU_POOL_LIMIT ?= 1
 
-.PHONY: setup models demo ui test clean-data servers server-packages
+.PHONY: setup models gpu-pool demo ui test clean-data servers
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,32 +38,36 @@ $(EXTRA_STAMP): $(STAMP) requirements-deepdanbooru.txt
 	$(VENV)/bin/pip install --quiet -r requirements-deepdanbooru.txt
 	rm -f $(VENV)/.extra-* && touch $(EXTRA_STAMP)
 
-# Installed only when missing (dpkg -s), so a machine that has them is not touched; as root or with sudo.
-server-packages:
-	@missing=""; for pkg in $(SERVER_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
-	if [ -n "$$missing" ]; then \
-		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
-		echo "installing$$missing"; \
-		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
-	fi
-
 # The multi-machine extras: dagster-postgres, dagster-celery, dagster-k8s and their clients.
 $(SERVERS_STAMP): $(STAMP) requirements-servers.txt
 	$(VENV)/bin/pip install --quiet -r requirements-servers.txt
 	rm -f $(VENV)/.servers-* && touch $(SERVERS_STAMP)
 
-servers: server-packages $(SERVERS_STAMP)
+servers: $(SERVERS_STAMP)
+
+# The integration tests' extras: Playwright (Python package), and PostgreSQL, Redis and Chromium from Debian.
+$(INTEGRATION_STAMP): $(STAMP) requirements-integration.txt
+	$(VENV)/bin/pip install --quiet -r requirements-integration.txt
+	rm -f $(VENV)/.integration-* && touch $(INTEGRATION_STAMP)
+
+$(SYSTEM_STAMP): .ci/install-system-packages | $(STAMP)
+	bash .ci/install-system-packages
+	rm -f $(VENV)/.system-* && touch $(SYSTEM_STAMP)
 
 models: setup
 	$(PY) -m embedded
 
-demo: models
+# The instance's pool limit (stored in dagster_home's database, so it applies to the UI, daemon and demo).
+gpu-pool: setup
+	$(VENV)/bin/dagster instance concurrency set gpu $(SDP_GPU_POOL_LIMIT)
+
+demo: models gpu-pool
 	$(PY) -m pipelines.demo
 
-ui: models
+ui: models gpu-pool
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-test: setup $(EXTRA_STAMP) servers
+test: setup $(EXTRA_STAMP) servers $(INTEGRATION_STAMP) $(SYSTEM_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean-data:

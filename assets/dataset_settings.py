@@ -14,6 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from assets.settings_errors import validation_error_message, yaml_error_message
 from common.hashing import json_sha256
 from tagging.captions import KAOMOJI
 
@@ -205,16 +206,17 @@ def load_dataset_settings(dataset_dir: Path) -> DatasetSettings:
     if not path.exists():
         return DatasetSettings()
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise SettingsError(f"{path}: not valid YAML: {error}") from error
+        raise SettingsError(yaml_error_message(path, error)) from error
     if not isinstance(raw, dict):
-        raise SettingsError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
+        raise SettingsError(f"{path}, line 1: expected a mapping of sections ({', '.join(SECTIONS)}), "
+                            f"got {type(raw).__name__}")
     try:
         return DatasetSettings.model_validate(raw)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-        raise SettingsError(f"{path}: {problems}") from error
+        raise SettingsError(validation_error_message(path, text, DatasetSettings, error)) from error
 
 
 def section_version(settings: DatasetSettings, section: str) -> str:

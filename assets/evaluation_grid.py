@@ -7,6 +7,7 @@ from dagster import AssetExecutionContext, DataVersion, MaterializeResult, Metad
 
 from assets.metadata import image_md, settings_for
 from assets.observations import settings_assets
+from assets.oom_retry import GPU_RETRY
 from assets.partitions import datasets_partitions
 from assets.placement import gpu_op_tags
 from assets.textual_inversion import read_training_run, textual_inversion
@@ -24,6 +25,7 @@ STAGE = "evaluation_grid"
     code_version="1",
     pool="gpu",
     op_tags=gpu_op_tags(),
+    retry_policy=GPU_RETRY,
     kinds={"pytorch"},
     description="A grid PNG of the evaluation prompts ([name] = the embedding) x fixed seeds, and each cell.",
 )

@@ -21,11 +21,12 @@ def settings_for(paths: ProjectPaths, dataset: str) -> DatasetSettings:
     """The dataset's settings, or a run failure that names the file and the field at fault."""
     dataset_dir = paths.dataset_dir(dataset)
     if not dataset_dir.is_dir():
-        raise Failure(description=f"dataset folder {dataset_dir} does not exist (was it removed or renamed?)")
+        raise Failure(description=f"dataset folder {dataset_dir} does not exist (was it removed or renamed?)",
+                      allow_retries=False)
     try:
         return load_dataset_settings(dataset_dir)
     except SettingsError as error:
-        raise Failure(description=str(error)) from error
+        raise Failure(description=str(error), allow_retries=False) from error
 
 
 def require_file(path: Path, producer: str) -> Path:

@@ -5,6 +5,7 @@ depends on (or an upstream output) has a new data version.
 """
 
 
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +21,8 @@ from dagster import (
 )
 
 from assets.dataset_settings import SECTIONS, SettingsError, load_dataset_settings, section_version
-from assets.partitions import datasets_partitions, is_valid_dataset_name
-from common.hashing import tree_sha256
+from assets.partitions import dataset_name_problem, datasets_partitions, is_valid_dataset_name
+from common.hashing import json_sha256, tree_sha256
 from resources import ProjectPaths
 from tagging.images import list_images
 
@@ -53,6 +54,49 @@ def dataset_folders(paths: ProjectPaths) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if p.is_dir() and is_valid_dataset_name(p.name))
+
+
+def refused_folders(paths: ProjectPaths) -> dict[str, str]:
+    """Folders under datasets/ whose names are not safe partition keys, with the reason."""
+    root = paths.datasets_root()
+    if not root.is_dir():
+        return {}
+    problems = {p.name: dataset_name_problem(p.name) for p in root.iterdir() if p.is_dir()}
+    return {name: problem for name, problem in sorted(problems.items()) if problem}
+
+
+def stat_signature(dataset_dir: Path) -> str:
+    """A cheap fingerprint of a dataset folder from `stat` alone: per sub-folder the file count, newest
+    mtime_ns, total size and the folder's own mtime (renames and deletions touch it).
+
+    Why: hashing 10,000 images on every sensor tick would read gigabytes; an unchanged signature means
+    nothing was added, removed, renamed or rewritten, so the content hashes are not recomputed.
+    """
+    folders: dict[str, tuple[int, int, int, int]] = {}
+    pending = [dataset_dir]
+    while pending:
+        folder = pending.pop()
+        count = newest = total = 0
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            pending.append(Path(entry.path))
+                            continue
+                        info = entry.stat()
+                    except OSError:
+                        continue  # a dangling symlink: list_images ignores it too
+                    count += 1
+                    newest = max(newest, info.st_mtime_ns, info.st_ctime_ns)
+                    total += info.st_size
+            own = folder.stat().st_mtime_ns
+        except OSError:
+            continue
+        folders[folder.relative_to(dataset_dir).as_posix()] = (count, newest, total, own)
+    return json_sha256(sorted(folders.items()))
 
 
 def observation_events(dataset: str, versions: dict[str, str]) -> Iterator[AssetObservation]:

@@ -10,6 +10,7 @@ from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResu
 from assets.dataset_settings import TaggingSettings
 from assets.metadata import require_file, settings_for, status_counts, table_md
 from assets.observations import settings_assets
+from assets.oom_retry import GPU_RETRY
 from assets.partitions import datasets_partitions
 from assets.placement import gpu_op_tags
 from assets.prepared_images import STAGE as PREPARED
@@ -57,6 +58,7 @@ def blip_settings(settings: TaggingSettings) -> BlipSettings:
     code_version="3",
     pool="gpu",
     op_tags=gpu_op_tags(),
+    retry_policy=GPU_RETRY,
     kinds={"onnx", "tensorflow", "pytorch"},
     description="Tag scores above a small floor per prepared image (long table: image, tag, category, score), "
     "cached per (image hash, model fingerprint) so only new images or a new model cost inference; with "
@@ -70,12 +72,12 @@ def tag_scores(context: AssetExecutionContext, paths: ProjectPaths, tagger: Tagg
     try:
         model = tagger.load(settings.tagger, settings.model)
     except TaggerModelError as error:
-        raise Failure(description=str(error)) from error
+        raise Failure(description=str(error), allow_retries=False) from error
     try:
         captioner = tagger.load_blip(settings.blip_model, device) if settings.blip_model else None
     except TaggerModelError as error:
         model.close()
-        raise Failure(description=str(error)) from error
+        raise Failure(description=str(error), allow_retries=False) from error
     context.log.info(f"tagger {settings.tagger} from {model.model_dir} on {model.provider}")
     manifest = kept_rows(pd.read_parquet(require_file(manifest_path(paths, dataset), PREPARED)))
     images = [

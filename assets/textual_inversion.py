@@ -5,6 +5,7 @@ import json
 import math
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +24,7 @@ from dagster import (
 from assets.dataset_settings import TrainingSettings
 from assets.metadata import image_md, require_file, settings_for
 from assets.observations import settings_assets
+from assets.oom_retry import GPU_RETRY, run_with_oom_retry
 from assets.partitions import datasets_partitions
 from assets.placement import gpu_op_tags
 from assets.prepared_images import STAGE as PREPARED, kept_rows, manifest_path, prepared_images
@@ -103,7 +105,9 @@ def trainer_settings(training: TrainingSettings, dataset: str, dataset_dir: Path
             ),
         )
     except ValueError as error:
-        raise Failure(description=f"datasets/{dataset}/dataset.yaml, training section: {error}") from error
+        raise Failure(
+            description=f"datasets/{dataset}/dataset.yaml, training section: {error}", allow_retries=False
+        ) from error
 
 
 def read_training_run(paths: ProjectPaths, dataset: str) -> dict:
@@ -118,6 +122,7 @@ def read_training_run(paths: ProjectPaths, dataset: str) -> dict:
     code_version="1",
     pool="gpu",
     op_tags=gpu_op_tags(),
+    retry_policy=GPU_RETRY,
     kinds={"pytorch"},
     check_specs=[
         AssetCheckSpec("embedding_is_finite", asset=STAGE, description="no NaN or inf in the vectors"),
@@ -153,9 +158,16 @@ def textual_inversion(
 
     out_dir = paths.output_dir(dataset, STAGE)
     started = time.perf_counter()
-    result = train_textual_inversion(
-        base, examples, settings, out_dir, progress=progress, latent_cache=paths.data_root() / "cache" / "latents",
-        log=context.log.info,
+
+    def train(batch_size: int, accumulation: int) -> TrainingResult:
+        attempt = replace(settings, batch_size=batch_size, gradient_accumulation_steps=accumulation)
+        return train_textual_inversion(
+            base, examples, attempt, out_dir, progress=progress, latent_cache=paths.data_root() / "cache" / "latents",
+            log=context.log.info,
+        )
+
+    result, (batch_size, accumulation) = run_with_oom_retry(
+        train, settings.batch_size, settings.gradient_accumulation_steps, context.log
     )
     elapsed = time.perf_counter() - started
     if result.resumed_from:
@@ -175,6 +187,9 @@ def textual_inversion(
         "steps_per_second": (result.steps - result.resumed_from) / elapsed if elapsed > 0 else math.nan,
         "device": f"{base.device} ({str(base.dtype).removeprefix('torch.')})",
         "images": len(examples),
+        "batch_size": batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "oom_retried": (batch_size, accumulation) != (settings.batch_size, settings.gradient_accumulation_steps),
         "processed": result.images_encoded,
         "reused": len(examples) - result.images_encoded,
         "skipped": 0,

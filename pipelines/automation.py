@@ -26,5 +26,6 @@ def nightly_when_unsynced(cron: str = NIGHTLY_CRON, timezone: str = "UTC") -> Au
         AutomationCondition.cron_tick_passed(cron, timezone)
         & (AutomationCondition.missing() | inputs_changed | code_changed | upstream_runs_tonight)
         & ~AutomationCondition.any_deps_missing()
+        & ~AutomationCondition.any_deps_in_progress()  # never train on captions that are being rewritten
         & ~AutomationCondition.in_progress()
     ).with_label(f"nightly ({cron}, {timezone}) when unsynced")

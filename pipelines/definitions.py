@@ -21,7 +21,8 @@ from assets import computed_assets, observed_assets
 from pipelines.automation import NIGHTLY_CRON, nightly_when_unsynced, on_change
 from pipelines.executors import executor_from_env
 from pipelines.jobs import all_jobs
-from pipelines.sensors import dataset_sensor
+from pipelines.run_tags import run_tags_sensor
+from pipelines.sensors import dataset_sensor, sensor_interval
 from resources import BaseModelResource, ProjectPaths, TaggerResource, TorchDevice
 
 EAGER = ("prepared_images", "tag_scores", "tag_table")
@@ -57,7 +58,9 @@ automation_sensor = AutomationConditionSensorDefinition(
     "automation",
     target=AssetSelection.all(),
     default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=sensor_interval(),
     description="Runs the eager stages when their inputs change and training/evaluation nightly when unsynced.",
+    run_tags={"trigger": "automation"},
 )
 
 
@@ -69,7 +72,7 @@ def build_definitions(resources: dict[str, object] | None = None, executor=None)
     return Definitions(
         assets=[*observed_assets, *map_asset_specs(_with_automation, computed_assets)],
         jobs=all_jobs,
-        sensors=[dataset_sensor, automation_sensor],
+        sensors=[dataset_sensor, automation_sensor, run_tags_sensor],
         resources=resources if resources is not None else resources_from_env(),
         executor=executor if executor is not None else executor_from_env(),
     )

@@ -29,7 +29,9 @@ def main() -> int:
 
     defs.resolve_job_def("observe_datasets").execute_in_process(instance=instance, run_config=QUIET)
     for job in ("prepare", "train"):
-        result = defs.resolve_job_def(job).execute_in_process(instance=instance, partition_key=DATASET, run_config=QUIET)
+        result = defs.resolve_job_def(job).execute_in_process(
+            instance=instance, partition_key=DATASET, run_config=QUIET, tags={"dataset": DATASET}
+        )
         print(f"job {job} for dataset {DATASET!r}: {'succeeded' if result.success else 'FAILED'}")
 
     paths = defs.resources["paths"]

@@ -6,6 +6,7 @@ from dagster import AssetSelection, define_asset_job
 
 from assets import evaluation_grid, observed_assets, prepared_images, tag_scores, tag_table, textual_inversion
 from assets.partitions import datasets_partitions
+from pipelines.run_tags import run_tags_for
 
 observe_job = define_asset_job(
     "observe_datasets",
@@ -16,21 +17,21 @@ prepare_job = define_asset_job(
     "prepare",
     selection=[prepared_images, tag_scores, tag_table],
     partitions_def=datasets_partitions,
-    tags={"stage": "prepare"},
+    tags=run_tags_for(["prepared_images", "tag_scores", "tag_table"]),
     description="Prepare images, tag them and write captions.",
 )
 retag_job = define_asset_job(
     "retag",
     selection=[tag_scores, tag_table],
     partitions_def=datasets_partitions,
-    tags={"stage": "tagging"},
+    tags=run_tags_for(["tag_scores", "tag_table"]),
     description="Re-tag the prepared images and rewrite captions (after changing tagger or caption settings).",
 )
 train_job = define_asset_job(
     "train",
     selection=[textual_inversion, evaluation_grid],
     partitions_def=datasets_partitions,
-    tags={"stage": "train", "method": "textual_inversion"},
+    tags=run_tags_for(["textual_inversion", "evaluation_grid"]),
     description="Train the textual-inversion embedding and render its evaluation grid.",
 )
 

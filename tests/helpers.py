@@ -14,3 +14,13 @@ def edit_settings(dataset_dir: Path, section: str, **values) -> None:
     settings = settings or {}
     settings.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
+
+
+def copy_with_settings(paths, source: str, name: str, settings_text: str) -> Path:
+    """A copy of dataset `source` named `name` whose dataset.yaml is `settings_text` (e.g. a broken one)."""
+    import shutil
+
+    folder = paths.dataset_dir(name)
+    shutil.copytree(paths.dataset_dir(source), folder)
+    (folder / "dataset.yaml").write_text(settings_text, encoding="utf-8")
+    return folder

@@ -85,6 +85,8 @@ def test_a_bad_model_folder_fails_before_any_image(few, tmp_path) -> None:
     failure = result.failure_data_for_node("tag_scores")
     message = failure.user_failure_data.description
     assert str(broken) in message and "selected_tags.csv" in message
+    # The GPU RetryPolicy does not retry a broken model folder: the same folder would fail the same way.
+    assert not [event for event in result.all_events if event.event_type_value == "STEP_UP_FOR_RETRY"]
     assert not (paths.data_root() / DATASET / "tables" / "tag_scores.parquet").exists()
     assert not (paths.data_root() / "cache" / "tag_scores").exists() or not any(
         (paths.data_root() / "cache" / "tag_scores").iterdir())

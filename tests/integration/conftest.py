@@ -1,5 +1,5 @@
-"""Fixtures for the tests against real servers: one PostgreSQL and one Redis per test module, and a small
-copy of the demo dataset (few images, a few training steps) so a whole graph run stays short."""
+"""Fixtures for the tests against real servers: PostgreSQL and Redis per test module, one `dagster dev` per
+package, and a small copy of the demo dataset (few images, a few training steps) so a whole graph run stays short."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.integration.server import DagsterDev
 from tests.integration.servers import Postgres, Redis, postgres_server, redis_server
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -73,3 +74,19 @@ def subprocess_env(extra: dict[str, str]) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DAGSTER_DISABLE_TELEMETRY="1")
     return env
+
+
+@pytest.fixture(scope="package")
+def dagster_dev(tmp_path_factory: pytest.TempPathFactory, embedded_root: Path):
+    """One `dagster dev` for the UI tests, with the nightly cron every minute so its tick can be seen."""
+    server = DagsterDev(
+        base=tmp_path_factory.mktemp("dagster-dev"),
+        embedded_root=embedded_root,
+        env_overrides={"SDP_NIGHTLY_CRON": "* * * * *"},
+    )
+    server.add_tiny_dataset(DATASET)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
