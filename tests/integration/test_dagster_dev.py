@@ -13,10 +13,11 @@ from tests.integration.server import DagsterDev, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _edit_early_in_a_minute() -> None:
-    """The nightly cron fires every minute here: edit early in one, so the eager run is launched alone first."""
-    if time.time() % 60 > 30:
-        time.sleep(61 - time.time() % 60)
+def _just_after_a_nightly_tick(server: DagsterDev) -> None:
+    """The nightly cron fires every minute here: edit once the automation has evaluated a tick, so the eager
+    run usually comes alone before the next one."""
+    now = time.time()
+    server.wait_sensor_tick_after("automation", now - now % 60 + 61)
 
 
 def test_prepare_then_eager_captions_then_nightly_training(dagster_dev: DagsterDev) -> None:
@@ -32,7 +33,7 @@ def test_prepare_then_eager_captions_then_nightly_training(dagster_dev: DagsterD
     server.wait_idle()
 
     # Editing the caption threshold: the automation launches tag_table, and only it.
-    _edit_early_in_a_minute()
+    _just_after_a_nightly_tick(server)
     edited = time.time()
     settings_file = server.datasets / DATASET / "dataset.yaml"
     settings = yaml.safe_load(settings_file.read_text())
@@ -43,7 +44,9 @@ def test_prepare_then_eager_captions_then_nightly_training(dagster_dev: DagsterD
         return [run for run in server.runs() if run.created > edited]
 
     first = wait_for("the eager run after the edit", lambda: [r for r in after_edit() if "tag_table" in r.assets], 600)[0]
-    assert first.assets == {"tag_table"}, first
+    # tag_table alone; or, when the daemon was slow enough for the nightly tick to pass before it evaluated the
+    # edit, tag_table with the retrain that its new captions call for, in one run. Never the upstream stages.
+    assert first.assets in ({"tag_table"}, {"tag_table", "textual_inversion", "evaluation_grid"}), first
     assert server.wait_finished(first.run_id).status == "SUCCESS", server.log_tail()
     assert not [run for run in after_edit() if run.assets & {"prepared_images", "tag_scores"}]
     # The run_tags sensor tags it, so the UI's run list filters it by dataset and stage.
@@ -54,9 +57,9 @@ def test_prepare_then_eager_captions_then_nightly_training(dagster_dev: DagsterD
     # The nightly tick with unsynced inputs (new captions): training and evaluation run after the captions.
     nightly = wait_for(
         "the nightly training run",
-        lambda: [r for r in after_edit() if r.created > first.created and "textual_inversion" in r.assets], 600,
+        lambda: [r for r in after_edit() if r.created >= first.created and "textual_inversion" in r.assets], 600,
     )[0]
-    assert nightly.assets == {"textual_inversion", "evaluation_grid"}, nightly
+    assert nightly.assets - {"tag_table"} == {"textual_inversion", "evaluation_grid"}, nightly
     assert server.wait_finished(nightly.run_id).status == "SUCCESS", server.log_tail()
     server.wait_idle()
 
