@@ -158,7 +158,7 @@ class TrainingSettings(_Section):
                                     "to disable")
     preview_prompt: str = Field("", description="webui: preview prompt; empty: the training prompt of that step")
     preview_negative_prompt: str = Field("", description="webui: negative prompt of the preview")
-    preview_seed: int = Field(0, ge=0, description="webui: seed of the preview (fixed, so previews compare)")
+    preview_seed: int = Field(0, ge=-1, description="webui: seed of the preview (fixed, so previews compare; -1: random)")
     preview_steps: int = Field(20, ge=1, le=500, description="webui: sampling steps of the preview")
     preview_cfg_scale: float = Field(7.0, ge=0, description="webui: CFG scale of the preview")
     preview_sampler: Literal["ddim", "dpm", "euler", "euler_a", "pndm"] = Field(

@@ -4,18 +4,21 @@ Why the learned vectors are spliced into the prompt here instead of loading the 
 pipeline: loading modifies the shared tokenizer and text encoder; splicing uses the same code path as the
 training loss, so a preview shows exactly what the step trained. Each preview draws its noise from its
 own generator seeded with preview_seed, so previews never advance the training generator and a run with
-previews ends with the same vectors as one without.
+previews ends with the same vectors as one without. preview_seed -1 (the webui's "random") draws each seed
+from the operating system, never from the training generator, and the seed is written into the PNG's
+`parameters` text the way the webui writes its infotext, so any preview can be reproduced.
 """
 
 from __future__ import annotations
 
 import io
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from common.atomic import write_bytes
 from training.base_model import BaseModel
@@ -27,6 +30,7 @@ from training.templates import render_prompt
 
 IMAGES_DIR = "images"  # the webui's folder names under the embedding's log directory
 IMAGE_EMBEDDINGS_DIR = "image_embeddings"
+WEBUI_SAMPLER_NAMES = {"ddim": "DDIM", "dpm": "DPM++ 2M", "euler": "Euler", "euler_a": "Euler a", "pndm": "PLMS"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class PreviewSettings:
     every: int = 0  # webui: create_image_every (0: no previews)
     prompt: str = ""  # "" = the training prompt of that step; [name] is substituted
     negative_prompt: str = ""
-    seed: int = 0
+    seed: int = 0  # -1: a new random seed for each preview (webui)
     steps: int = 20
     cfg_scale: float = 7.0
     sampler: str = "euler_a"  # the webui's default sampler, Euler a
@@ -46,8 +50,8 @@ class PreviewSettings:
             raise ValueError(f"preview_steps must be at least 1, got {self.steps}")
         if self.cfg_scale < 0:
             raise ValueError(f"preview_cfg_scale must be at least 0, got {self.cfg_scale}")
-        if self.seed < 0:
-            raise ValueError(f"preview_seed must be at least 0, got {self.seed}")
+        if self.seed < -1:
+            raise ValueError(f"preview_seed must be -1 (random) or at least 0, got {self.seed}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"preview_sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
 
@@ -66,21 +70,38 @@ class PreviewRenderer:
     def prompt_for(self, training_prompt: str) -> str:
         return render_prompt(self.settings.prompt, self.name, "") if self.settings.prompt else training_prompt
 
+    def seed_for_next(self) -> int:
+        """The fixed preview seed, or for -1 a fresh one that leaves every torch generator untouched."""
+        return self.settings.seed if self.settings.seed >= 0 else random.SystemRandom().randrange(2**32)
+
+    def infotext(self, prompt: str, seed: int, width: int, height: int) -> str:
+        """The webui's generation-parameters text, so the preview's settings travel with the image."""
+        lines = [prompt]
+        if self.settings.negative_prompt:
+            lines.append(f"Negative prompt: {self.settings.negative_prompt}")
+        lines.append(
+            f"Steps: {self.settings.steps}, Sampler: {WEBUI_SAMPLER_NAMES[self.settings.sampler]}, "
+            f"CFG scale: {self.settings.cfg_scale:g}, Seed: {seed}, Size: {width}x{height}, "
+            f"Model hash: {self.base.short_hash}, Clip skip: {self.clip_skip}"
+        )
+        return "\n".join(lines)
+
     @torch.no_grad()
-    def render(self, vectors: torch.Tensor, prompt: str) -> Image.Image:
+    def render(self, vectors: torch.Tensor, prompt: str, seed: int | None = None) -> Image.Image:
         tokens = tokenize_with_placeholder(self.base.tokenizer, [prompt], self.name, vectors.shape[0])
         conditioning = encode_prompts(self.base.text_encoder, tokens, vectors.detach(), self.clip_skip)
         negative = prompt_embeddings(self.pipeline, self.settings.negative_prompt, self.clip_skip)
         return render_conditioned(
             self.pipeline, conditioning.to(self.base.dtype), negative.to(self.base.dtype),
-            self.settings.seed, self.settings.steps, self.settings.cfg_scale,
+            self.settings.seed if seed is None else seed, self.settings.steps, self.settings.cfg_scale,
         )  # fmt: skip
 
     def save(self, vectors: torch.Tensor, training_prompt: str, step: int, out_dir: Path) -> dict[str, Path]:
         """`images/<name>-<step>.png` and, when asked, `image_embeddings/<name>-<step>.png` (the webui's layout)."""
-        image = self.render(vectors, self.prompt_for(training_prompt))
+        prompt, seed = self.prompt_for(training_prompt), self.seed_for_next()
+        image = self.render(vectors, prompt, seed)
         files = preview_files(out_dir, self.name, step, self.with_embedding)
-        write_bytes(files[f"preview_{step}"], _png_bytes(image))
+        write_bytes(files[f"preview_{step}"], _png_bytes(image, self.infotext(prompt, seed, *image.size)))
         if self.with_embedding:
             data = webui_embedding_dict(self.name, vectors, step, self.base.short_hash, self.base.name)
             save_png_embedding(files[f"preview_{step}_embedding"], image, data)
@@ -94,7 +115,9 @@ def preview_files(out_dir: Path, name: str, step: int, with_embedding: bool) -> 
     return files
 
 
-def _png_bytes(image: Image.Image) -> bytes:
+def _png_bytes(image: Image.Image, parameters: str) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

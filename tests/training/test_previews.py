@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,32 @@ def test_a_resumed_run_with_previews_ends_identical(tiny_base: BaseModel, subjec
         assert resumed.files[key].read_bytes() == whole.files[key].read_bytes(), key
 
 
+def test_a_random_preview_seed_is_recorded_in_the_webui_parameters_and_reproduces(
+    tiny_base: BaseModel, tmp_path: Path
+) -> None:
+    settings = PreviewSettings(every=1, steps=2, seed=-1, sampler="euler_a", negative_prompt="blurry")
+    renderer = PreviewRenderer(tiny_base, settings, "mycat", clip_skip=2, with_embedding=False)
+    vectors = torch.randn(1, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    seeds = []
+    for step in (1, 2):
+        path = renderer.save(vectors, "a photo of mycat", step, tmp_path)[f"preview_{step}"]
+        with Image.open(path) as image:
+            parameters = image.text["parameters"]
+        prompt, negative, details = parameters.split("\n")
+        assert (prompt, negative) == ("a photo of mycat", "Negative prompt: blurry")
+        assert "Steps: 2, Sampler: Euler a, CFG scale: 7," in details and "Clip skip: 2" in details
+        seed = int(re.search(r"Seed: (\d+),", details).group(1))
+        seeds.append(seed)
+        assert np.array_equal(_pixels(path), np.asarray(renderer.render(vectors, "a photo of mycat", seed)))
+    assert seeds[0] != seeds[1]  # a 1-in-2**32 chance of a false failure
+    assert torch.equal(torch.get_rng_state(), before)  # the global torch generator was not used
+
+
 def test_bad_preview_settings_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="preview_seed must be -1"):
+        PreviewSettings(seed=-2)
     with pytest.raises(ValueError, match="preview_sampler must be one of"):
         PreviewSettings(sampler="heun")
     with pytest.raises(ValueError, match="preview_steps must be at least 1"):
