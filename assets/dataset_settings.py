@@ -150,8 +150,9 @@ class TrainingSettings(_Section):
     initialization_embedding: str = Field("", description="an embedding file (webui .pt, diffusers .safetensors/.bin, "
                                           "kohya emb_params, PNG) used instead of initialization_text; relative to "
                                           "the dataset folder")
-    overwrite_old_embedding: bool = Field(True, description="webui: overwrite old embedding; false continues from "
-                                          "the dataset's existing final embedding")
+    overwrite_old_embedding: bool = Field(True, description="webui: overwrite old embedding; false continues "
+                                          "the dataset's final embedding from its step up to max_steps, with its "
+                                          ".pt.optim optimizer state")
     optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit needs a usable bitsandbytes")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay, on the embedding's vectors only")
     create_image_every: int = Field(0, ge=0, description="webui: save an image to log directory every N steps, 0 "

@@ -166,9 +166,12 @@ def textual_inversion(
             log=context.log.info,
         )
 
-    result, (batch_size, accumulation) = run_with_oom_retry(
-        train, settings.batch_size, settings.gradient_accumulation_steps, context.log
-    )
+    try:
+        result, (batch_size, accumulation) = run_with_oom_retry(
+            train, settings.batch_size, settings.gradient_accumulation_steps, context.log
+        )
+    except ValueError as error:  # settings that cannot train (the message names the file or key): not retried
+        raise Failure(description=f"textual_inversion for {dataset!r}: {error}", allow_retries=False) from error
     elapsed = time.perf_counter() - started
     if result.resumed_from:
         context.log.info(f"resumed {name!r} from its saved state at step {result.resumed_from}")
@@ -184,7 +187,9 @@ def textual_inversion(
         "embedding_name": name,
         "steps": result.steps,
         "resumed_from_step": result.resumed_from,
-        "steps_per_second": (result.steps - result.resumed_from) / elapsed if elapsed > 0 else math.nan,
+        "continued_from_step": result.continued_from,
+        "steps_per_second": (result.steps - max(result.resumed_from, result.continued_from)) / elapsed
+        if elapsed > 0 else math.nan,
         "device": f"{base.device} ({str(base.dtype).removeprefix('torch.')})",
         "images": len(examples),
         "batch_size": batch_size,

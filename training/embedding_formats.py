@@ -99,6 +99,26 @@ def save_webui_optim(
     return write_bytes(f"{os.fspath(pt_path)}.optim", _torch_bytes(data))
 
 
+def load_webui_optim(pt_path: str | os.PathLike[str], vectors: torch.Tensor, optimizer_name: str) -> dict | None:
+    """The optimizer state in `<embedding>.pt.optim`, when it belongs to these vectors and this optimizer.
+
+    As the webui does: a state saved for other vectors (checksum) or another optimizer is ignored, since
+    AdamW's moments only make sense for the values they were accumulated on.
+    """
+    path = Path(f"{os.fspath(pt_path)}.optim")
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise EmbeddingFileError(f"{path}: not a readable optimizer state ({error})") from error
+    if not isinstance(data, dict) or data.get("hash") != webui_checksum(vectors):
+        return None
+    if data.get("optimizer_name") != optimizer_name:
+        return None
+    return data.get("optimizer_state_dict")
+
+
 def save_kohya_embedding(path: str | os.PathLike[str], name: str, vectors: torch.Tensor) -> Path:
     """kohya's / ComfyUI's layout: one `emb_params` tensor; the file name is the embedding's name."""
     return write_bytes(path, safetensors.torch.save({KOHYA_KEY: _portable_vectors(vectors, name)}))

@@ -30,6 +30,7 @@ from training.acceleration import (
 )
 from training.base_model import BaseModel
 from training.embedding_formats import (
+    load_webui_optim,
     read_embedding,
     save_diffusers_embedding,
     save_kohya_embedding,
@@ -151,6 +152,7 @@ class TrainingResult:
     files: dict[str, Path] = field(default_factory=dict)  # "webui_pt", "diffusers", "loss_csv", "loss_png", checkpoints
     resumed_from: int = 0  # the step a saved state was resumed at (0: a fresh run)
     images_encoded: int = 0  # images the VAE encoded (latent cache misses)
+    continued_from: int = 0  # the step of the existing embedding this run continued (overwrite_old_embedding off)
 
 
 def caption_for_step(filewords: str, settings: TextualInversionSettings, generator: torch.Generator) -> str:
@@ -353,8 +355,9 @@ def _save_png_card(trainer: _Trainer, vectors: torch.Tensor, step: int, path: Pa
     return save_png_embedding(path, card, data)
 
 
-def write_loss_csv(path: Path, losses: list[float], rates: list[float]) -> Path:
-    rows = [f"{step},{float(loss)!r},{float(rate)!r}" for step, (loss, rate) in enumerate(zip(losses, rates), start=1)]
+def write_loss_csv(path: Path, losses: list[float], rates: list[float], first_step: int = 1) -> Path:
+    pairs = enumerate(zip(losses, rates), start=first_step)
+    rows = [f"{step},{float(loss)!r},{float(rate)!r}" for step, (loss, rate) in pairs]
     return write_text(path, "\n".join(["step,loss,learning_rate", *rows]) + "\n")
 
 
@@ -393,6 +396,17 @@ def _vectors_from_file(path: Path, settings: TextualInversionSettings, hidden: i
     return fit_vectors(vectors, settings.vectors_per_token)
 
 
+def continued_embedding(settings: TextualInversionSettings, out_dir: Path) -> Path | None:
+    """The dataset's own final `<name>.pt` when training is to continue it (overwrite_old_embedding off)."""
+    existing = Path(out_dir) / f"{settings.name}.pt"
+    return existing if not settings.overwrite_old_embedding and existing.is_file() else None
+
+
+def continued_step(path: Path) -> int:
+    """The step a continued embedding reached: the webui counts on from it towards max_steps."""
+    return read_embedding(path).step or 0
+
+
 def starting_vectors(base: BaseModel, settings: TextualInversionSettings, out_dir: Path) -> tuple[torch.Tensor, str]:
     """The vectors training starts from, and where they came from (for the log).
 
@@ -400,9 +414,9 @@ def starting_vectors(base: BaseModel, settings: TextualInversionSettings, out_di
     embedding file (webui .pt, diffusers, kohya or PNG), else the initialization text's token vectors.
     """
     hidden = base.text_encoder.get_input_embeddings().embedding_dim
-    existing = Path(out_dir) / f"{settings.name}.pt"
-    if not settings.overwrite_old_embedding and existing.is_file():
-        return _vectors_from_file(existing, settings, hidden), f"continued from {existing}"
+    existing = continued_embedding(settings, out_dir)
+    if existing is not None:
+        return _vectors_from_file(existing, settings, hidden), f"continued from {existing} at step {continued_step(existing)}"
     if settings.initialization_embedding:
         path = Path(settings.initialization_embedding)
         return _vectors_from_file(path, settings, hidden), f"initialized from {path}"
@@ -524,6 +538,18 @@ def _restore(
     return _Progress(step=state.step, losses=list(state.losses), rates=list(state.rates), resumed_from=state.step)
 
 
+def _continue_optimizer(
+    optimizer: torch.optim.Optimizer, pt_path: Path, start: torch.Tensor, settings: TextualInversionSettings,
+    log: Callable[[str], None] | None,
+) -> None:
+    """Carry AdamW's moments over from the `.pt.optim` beside a continued embedding, as the webui does."""
+    state = load_webui_optim(pt_path, start, WEBUI_OPTIMIZER_NAMES[settings.optimizer])
+    if state is not None:
+        optimizer.load_state_dict(state)
+    if log is not None:
+        log(f"optimizer state {'loaded from' if state is not None else 'fresh: no matching'} {pt_path}.optim")
+
+
 def _save_checkpoint(
     trainer: _Trainer, optimizer: torch.optim.Optimizer, step: int, out_dir: Path, files: dict[str, Path]
 ) -> None:
@@ -563,6 +589,13 @@ def train_textual_inversion(
     out_dir = Path(out_dir)
     schedule = parse_schedule(settings.learning_rate, settings.max_steps)
     start, origin = starting_vectors(base, settings, out_dir)
+    continued = continued_embedding(settings, out_dir)
+    first_step = continued_step(continued) if continued is not None else 0
+    if first_step >= schedule.end_step:
+        raise ValueError(
+            f"{continued}: already trained for {first_step} steps and max_steps is {settings.max_steps}; raise "
+            "max_steps to train it further (as the webui counts), or set overwrite_old_embedding: true to start over"
+        )
     if log is not None:
         log(f"embedding {settings.name!r} {origin}")
     with accelerated_unet(
@@ -575,7 +608,12 @@ def train_textual_inversion(
         key = run_key(base, examples, settings, start)
         state_path = out_dir / "checkpoints" / STATE_FILE
         saved = load_state(state_path, key) if settings.resume else None
-        done = _restore(trainer, optimizer, scaler, saved) if saved is not None else _Progress()
+        if saved is not None:
+            done = _restore(trainer, optimizer, scaler, saved)
+        else:
+            done = _Progress(step=first_step)
+            if continued is not None:
+                _continue_optimizer(optimizer, continued, start, settings, log)
         state_every = settings.save_every or DEFAULT_STATE_EVERY
         clip_schedule = clip_limits(settings)
         previewer = None
@@ -608,10 +646,10 @@ def train_textual_inversion(
     files["kohya"] = save_kohya_embedding(out_dir / "kohya" / f"{settings.name}.safetensors", settings.name, vectors)
     if settings.save_image_with_stored_embedding:
         files["png_embedding"] = _save_png_card(trainer, vectors, steps, out_dir / f"{settings.name}.png")
-    files["loss_csv"] = write_loss_csv(out_dir / "loss.csv", done.losses, done.rates)
+    files["loss_csv"] = write_loss_csv(out_dir / "loss.csv", done.losses, done.rates, steps - len(done.losses) + 1)
     files["loss_png"] = plot_loss(files["loss_csv"], out_dir / "loss.png", f"textual inversion: {settings.name}")
     state_path.unlink(missing_ok=True)  # finished: the final embedding is the result, nothing to resume
     return TrainingResult(
         vectors=vectors, steps=steps, losses=done.losses, files=files,
-        resumed_from=done.resumed_from, images_encoded=trainer.encoded,
+        resumed_from=done.resumed_from, images_encoded=trainer.encoded, continued_from=first_step,
     )  # fmt: skip

@@ -10,6 +10,8 @@ from PIL import Image
 
 from training.base_model import BaseModel
 from training.embedding_formats import (
+    load_webui_optim,
+    read_embedding,
     save_diffusers_embedding,
     save_kohya_embedding,
     save_webui_pt,
@@ -70,12 +72,31 @@ def test_without_overwrite_training_continues_from_the_existing_embedding(
     first = train_textual_inversion(tiny_base, subject_examples[:4], run_settings(), tmp_path)
     keep = run_settings(overwrite_old_embedding=False)
     start, origin = starting_vectors(tiny_base, keep, tmp_path)
-    assert torch.equal(start, first.vectors) and origin == f"continued from {tmp_path / 'mycat.pt'}"
+    assert torch.equal(start, first.vectors) and origin == f"continued from {tmp_path / 'mycat.pt'} at step 2"
     fresh, _ = starting_vectors(tiny_base, run_settings(), tmp_path)
     assert not torch.equal(fresh, first.vectors)  # overwriting (the default) starts over from the text
     assert torch.equal(starting_vectors(tiny_base, keep, tmp_path / "empty")[0], fresh)  # nothing to continue yet
 
-    continued = train_textual_inversion(tiny_base, subject_examples[:4], keep, tmp_path)
+    # The webui counts on from the embedding's step: with max_steps already reached there is nothing to do.
+    with pytest.raises(ValueError, match=r"mycat.pt: already trained for 2 steps and max_steps is 2; raise max_steps"):
+        train_textual_inversion(tiny_base, subject_examples[:4], keep, tmp_path)
+    messages: list[str] = []
+    longer = run_settings(overwrite_old_embedding=False, max_steps=4)
+    continued = train_textual_inversion(tiny_base, subject_examples[:4], longer, tmp_path, log=messages.append)
+    assert (continued.steps, continued.continued_from, len(continued.losses)) == (4, 2, 2)
+    assert f"optimizer state loaded from {tmp_path / 'mycat.pt'}.optim" in messages  # AdamW's moments carry on
+    assert read_embedding(tmp_path / "mycat.pt").step == 4
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == [3, 4]
     again = train_textual_inversion(tiny_base, subject_examples[:4], run_settings(), tmp_path / "again")
     assert torch.equal(again.vectors, first.vectors)
     assert not torch.equal(continued.vectors, first.vectors)
+
+
+def test_an_optimizer_state_of_other_vectors_is_not_loaded(tiny_base: BaseModel, subject_examples, tmp_path: Path) -> None:
+    train_textual_inversion(tiny_base, subject_examples[:4], run_settings(), tmp_path)
+    saved = torch.load(tmp_path / "mycat.pt.optim", weights_only=True)
+    assert load_webui_optim(tmp_path / "mycat.pt", read_embedding(tmp_path / "mycat.pt").vectors, "AdamW") is not None
+    assert load_webui_optim(tmp_path / "mycat.pt", torch.ones(2, 32), "AdamW") is None  # the webui's checksum
+    assert load_webui_optim(tmp_path / "mycat.pt", read_embedding(tmp_path / "mycat.pt").vectors, "AdamW8bit") is None
+    assert saved["optimizer_name"] == "AdamW"
