@@ -145,7 +145,7 @@ def textual_inversion(
     training = settings_for(paths, dataset).training
     examples = training_examples(paths, dataset)
     if not examples:
-        raise ValueError(f"dataset {dataset!r} has no prepared images to train on")
+        raise Failure(description=f"dataset {dataset!r} has no prepared images to train on", allow_retries=False)
     settings = trainer_settings(training, dataset, paths.dataset_dir(dataset))
     name = settings.name
     base = base_model.load(device)
