@@ -30,6 +30,7 @@ from training.acceleration import (
 )
 from training.base_model import BaseModel
 from training.embedding_formats import (
+    EmbeddingFile,
     load_webui_optim,
     read_embedding,
     save_diffusers_embedding,
@@ -386,8 +387,8 @@ def run_key(
     })  # fmt: skip
 
 
-def _vectors_from_file(path: Path, settings: TextualInversionSettings, hidden: int) -> torch.Tensor:
-    vectors = read_embedding(path).vectors
+def _fitted_vectors(path: Path, embedding: EmbeddingFile, settings: TextualInversionSettings, hidden: int) -> torch.Tensor:
+    vectors = embedding.vectors
     if vectors.shape[1] != hidden:
         raise ValueError(
             f"{path}: vectors of size {vectors.shape[1]} do not fit this model's text encoder ({hidden}); "
@@ -396,33 +397,36 @@ def _vectors_from_file(path: Path, settings: TextualInversionSettings, hidden: i
     return fit_vectors(vectors, settings.vectors_per_token)
 
 
-def continued_embedding(settings: TextualInversionSettings, out_dir: Path) -> Path | None:
-    """The dataset's own final `<name>.pt` when training is to continue it (overwrite_old_embedding off)."""
+@dataclass(frozen=True)
+class _StartingPoint:
+    vectors: torch.Tensor
+    origin: str  # where the vectors came from, for the log
+    continued: Path | None = None  # the dataset's own embedding when training continues it
+    step: int = 0  # the step that embedding reached: the webui counts on from it towards max_steps
+
+
+def _starting_point(base: BaseModel, settings: TextualInversionSettings, out_dir: Path) -> _StartingPoint:
+    """In the webui's order: the existing embedding when it is not to be overwritten, else an initialization
+    embedding file (webui .pt, diffusers, kohya or PNG), else the initialization text's token vectors."""
+    hidden = base.text_encoder.get_input_embeddings().embedding_dim
     existing = Path(out_dir) / f"{settings.name}.pt"
-    return existing if not settings.overwrite_old_embedding and existing.is_file() else None
-
-
-def continued_step(path: Path) -> int:
-    """The step a continued embedding reached: the webui counts on from it towards max_steps."""
-    return read_embedding(path).step or 0
+    if not settings.overwrite_old_embedding and existing.is_file():
+        embedding = read_embedding(existing)
+        step = embedding.step or 0
+        vectors = _fitted_vectors(existing, embedding, settings, hidden)
+        return _StartingPoint(vectors, f"continued from {existing} at step {step}", existing, step)
+    if settings.initialization_embedding:
+        path = Path(settings.initialization_embedding)
+        return _StartingPoint(_fitted_vectors(path, read_embedding(path), settings, hidden), f"initialized from {path}")
+    text = settings.initialization_text
+    vectors = initial_vectors(base.tokenizer, base.text_encoder, text, settings.vectors_per_token)
+    return _StartingPoint(vectors, f"initialized from the text {text!r}")
 
 
 def starting_vectors(base: BaseModel, settings: TextualInversionSettings, out_dir: Path) -> tuple[torch.Tensor, str]:
-    """The vectors training starts from, and where they came from (for the log).
-
-    In the webui's order: the existing embedding when it is not to be overwritten, else an initialization
-    embedding file (webui .pt, diffusers, kohya or PNG), else the initialization text's token vectors.
-    """
-    hidden = base.text_encoder.get_input_embeddings().embedding_dim
-    existing = continued_embedding(settings, out_dir)
-    if existing is not None:
-        return _vectors_from_file(existing, settings, hidden), f"continued from {existing} at step {continued_step(existing)}"
-    if settings.initialization_embedding:
-        path = Path(settings.initialization_embedding)
-        return _vectors_from_file(path, settings, hidden), f"initialized from {path}"
-    text = settings.initialization_text
-    vectors = initial_vectors(base.tokenizer, base.text_encoder, text, settings.vectors_per_token)
-    return vectors, f"initialized from the text {text!r}"
+    """The vectors training starts from, and where they came from (for the log)."""
+    point = _starting_point(base, settings, out_dir)
+    return point.vectors, point.origin
 
 
 def _start(
@@ -588,16 +592,15 @@ def train_textual_inversion(
     """
     out_dir = Path(out_dir)
     schedule = parse_schedule(settings.learning_rate, settings.max_steps)
-    start, origin = starting_vectors(base, settings, out_dir)
-    continued = continued_embedding(settings, out_dir)
-    first_step = continued_step(continued) if continued is not None else 0
+    point = _starting_point(base, settings, out_dir)
+    start, continued, first_step = point.vectors, point.continued, point.step
     if first_step >= schedule.end_step:
         raise ValueError(
             f"{continued}: already trained for {first_step} steps and max_steps is {settings.max_steps}; raise "
             "max_steps to train it further (as the webui counts), or set overwrite_old_embedding: true to start over"
         )
     if log is not None:
-        log(f"embedding {settings.name!r} {origin}")
+        log(f"embedding {settings.name!r} {point.origin}")
     with accelerated_unet(
         base.unet, attention=settings.attention, gradient_checkpointing=settings.gradient_checkpointing,
         compile_unet=settings.compile,
