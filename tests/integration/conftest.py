@@ -3,19 +3,17 @@ package, and a small copy of the demo dataset (few images, a few training steps)
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.integration.project import project_env
 from tests.integration.server import DagsterDev
 from tests.integration.servers import Postgres, Redis, postgres_server, redis_server
 
-PROJECT = Path(__file__).resolve().parents[2]
 DATASET = "demo"
 # Four images cover the decoder paths of the demo set: PNG, RGBA PNG with transparency, JPEG.
 IMAGES = ("demo_000.png", "demo_001.png", "demo_002.png", "demo_003.jpg")
@@ -49,31 +47,7 @@ def small_project(root: Path, embedded_root: Path) -> dict[str, str]:
     for section, values in SMALL_SETTINGS.items():
         settings.setdefault(section, {}).update(values)
     (target / "dataset.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
-    return {
-        "SDP_DATASETS_DIR": str(root / "datasets"),
-        "SDP_DATA_DIR": str(root / "data"),
-        "SDP_WD14_MODEL": str(embedded_root / "models" / "tiny-wd14"),
-        "SDP_BASE_MODEL": str(embedded_root / "models" / "tiny-sd"),
-        "SDP_DEVICE": "cpu",
-        "SDP_PRECISION": "fp32",
-    }
-
-
-def instance_home(root: Path, variant: str) -> Path:
-    """A temporary DAGSTER_HOME holding the project's own dagster_home/<variant>/dagster.yaml."""
-    home = root / "dagster_home"
-    home.mkdir(parents=True)
-    shutil.copy2(PROJECT / "dagster_home" / variant / "dagster.yaml", home / "dagster.yaml")
-    return home
-
-
-def subprocess_env(extra: dict[str, str]) -> dict[str, str]:
-    """This environment plus `extra`, with the project importable and this interpreter's tools on PATH."""
-    env = {**os.environ, **extra}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DAGSTER_DISABLE_TELEMETRY="1")
-    return env
+    return project_env(root, embedded_root)
 
 
 @pytest.fixture(scope="package")

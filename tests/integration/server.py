@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.project import PROJECT, instance_home, project_env, subprocess_env
+from tests.integration.servers import free_port
+
 T = TypeVar("T")
 FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
 RUN_FIELDS = "runId status creationTime tags { key value } assetSelection { path }"
@@ -34,12 +35,6 @@ captions: {general_threshold: 0.35, exclude_tags: ["pip_(demo)"]}
 training: {embedding_name: pip, initialization_text: character, max_steps: 2, save_embedding_every: 0}
 evaluation: {prompts: ["a photo of [name]"], seeds: [1], steps: 2}
 """
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for(what: str, check: Callable[[], T | None], ceiling: float = 300, every: float = 1.0) -> T:
@@ -106,33 +101,18 @@ class DagsterDev:
         return folder
 
     def start(self) -> None:
-        home = self.base / "dagster_home"
-        home.mkdir(parents=True)
-        shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-        models = self.embedded_root / "models"
-        env = {
-            **os.environ,
-            "DAGSTER_HOME": str(home),
-            "PYTHONPATH": str(ROOT),
-            "SDP_DATASETS_DIR": str(self.datasets),
-            "SDP_DATA_DIR": str(self.data),
-            "SDP_BASE_MODEL": str(models / "tiny-sd"),
-            "SDP_WD14_MODEL": str(models / "tiny-wd14"),
-            "SDP_DEVICE": "cpu",
-            "SDP_PRECISION": "fp32",
+        env = subprocess_env({
+            **project_env(self.base, self.embedded_root),
+            "DAGSTER_HOME": str(instance_home(self.base)),
             "SDP_SENSOR_INTERVAL_SECONDS": "3",
-            # One process per run instead of one per step (read by pipelines/executors.py where present).
-            "SDP_EXECUTOR": "in_process",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "DAGSTER_DISABLE_TELEMETRY": "1",
+            "SDP_EXECUTOR": "in_process",  # one process per run instead of one per step
             **self.env_overrides,
-        }
+        })  # fmt: skip
         dagster = Path(sys.executable).with_name("dagster")
         log = open(self.base / "dagster-dev.log", "wb")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
-            [str(dagster), "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(self.port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [str(dagster), "dev", "-w", str(PROJECT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(self.port)],
+            cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         wait_for("the code location to load", self._loaded, ceiling=600)
 

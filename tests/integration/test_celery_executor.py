@@ -17,7 +17,8 @@ from celery import Celery
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 
 from assets.partitions import datasets_partitions
-from tests.integration.conftest import DATASET, PROJECT, instance_home, small_project, subprocess_env
+from tests.integration.conftest import DATASET, small_project
+from tests.integration.project import PROJECT, instance_home, subprocess_env
 from tests.integration.servers import READY_TIMEOUT_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -9,7 +9,8 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, in_proc
 from assets.partitions import datasets_partitions
 from pipelines.definitions import build_definitions
 from resources import BaseModelResource, ProjectPaths, TaggerResource, TorchDevice
-from tests.integration.conftest import DATASET, instance_home, small_project
+from tests.integration.conftest import DATASET, small_project
+from tests.integration.project import instance_home
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import DATASET
-from tests.integration.server import ROOT, DagsterDev, wait_for
+from tests.integration.project import PROJECT
+from tests.integration.server import DagsterDev, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -18,7 +19,7 @@ CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]
-ARTIFACTS = ROOT / "test-artifacts"
+ARTIFACTS = PROJECT / "test-artifacts"
 
 
 def test_materialize_the_demo_partition_from_the_ui(dagster_dev: DagsterDev) -> None:
