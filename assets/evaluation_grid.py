@@ -7,9 +7,8 @@ from dagster import AssetExecutionContext, DataVersion, MaterializeResult, Metad
 
 from assets.metadata import image_md, settings_for
 from assets.observations import settings_assets
-from assets.oom_retry import GPU_RETRY
 from assets.partitions import datasets_partitions
-from assets.placement import gpu_op_tags
+from assets.placement import gpu_step
 from assets.textual_inversion import read_training_run, textual_inversion
 from common.hashing import file_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
@@ -23,9 +22,7 @@ STAGE = "evaluation_grid"
     deps=[textual_inversion, settings_assets["evaluation"]],
     group_name="evaluation",
     code_version="1",
-    pool="gpu",
-    op_tags=gpu_op_tags(),
-    retry_policy=GPU_RETRY,
+    **gpu_step(),
     kinds={"pytorch"},
     description="A grid PNG of the evaluation prompts ([name] = the embedding) x fixed seeds, and each cell.",
 )

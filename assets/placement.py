@@ -7,6 +7,9 @@ the `dagster-k8s/config` tag into the step's pod, so the pod asks the scheduler 
 
 from __future__ import annotations
 
+from assets.oom_retry import GPU_RETRY
+
+GPU_POOL = "gpu"  # the concurrency pool of model-device steps (limit: dagster_home/dagster.yaml, make gpu-pool)
 GPU_QUEUE = "gpu"
 CELERY_QUEUE_TAG = "dagster-celery/queue"  # dagster_celery.tags.DAGSTER_CELERY_QUEUE_TAG
 K8S_CONFIG_TAG = "dagster-k8s/config"
@@ -19,3 +22,8 @@ def gpu_op_tags(gpus: int = 1) -> dict[str, object]:
         CELERY_QUEUE_TAG: GPU_QUEUE,
         K8S_CONFIG_TAG: {"container_config": {"resources": {"limits": {GPU_RESOURCE: gpus}}}},
     }
+
+
+def gpu_step() -> dict[str, object]:
+    """The @asset arguments of every step that uses the model device: its pool, placement tags and retries."""
+    return {"pool": GPU_POOL, "op_tags": gpu_op_tags(), "retry_policy": GPU_RETRY}

@@ -10,9 +10,8 @@ from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResu
 from assets.dataset_settings import TaggingSettings
 from assets.metadata import require_file, settings_for, status_counts, table_md
 from assets.observations import settings_assets
-from assets.oom_retry import GPU_RETRY
 from assets.partitions import datasets_partitions
-from assets.placement import gpu_op_tags
+from assets.placement import gpu_step
 from assets.prepared_images import STAGE as PREPARED
 from assets.prepared_images import kept_rows, manifest_path, prepared_images
 from common.atomic import write_parquet
@@ -56,9 +55,7 @@ def blip_settings(settings: TaggingSettings) -> BlipSettings:
     deps=[prepared_images, settings_assets["tagging"]],
     group_name="tagging",
     code_version="3",
-    pool="gpu",
-    op_tags=gpu_op_tags(),
-    retry_policy=GPU_RETRY,
+    **gpu_step(),
     kinds={"onnx", "tensorflow", "pytorch"},
     description="Tag scores above a small floor per prepared image (long table: image, tag, category, score), "
     "cached per (image hash, model fingerprint) so only new images or a new model cost inference; with "

@@ -24,9 +24,9 @@ from dagster import (
 from assets.dataset_settings import TrainingSettings
 from assets.metadata import image_md, require_file, settings_for
 from assets.observations import settings_assets
-from assets.oom_retry import GPU_RETRY, run_with_oom_retry
+from assets.oom_retry import run_with_oom_retry
 from assets.partitions import datasets_partitions
-from assets.placement import gpu_op_tags
+from assets.placement import gpu_step
 from assets.prepared_images import STAGE as PREPARED, kept_rows, manifest_path, prepared_images
 from assets.tag_table import captions_path, tag_table
 from common.atomic import write_text
@@ -120,9 +120,7 @@ def read_training_run(paths: ProjectPaths, dataset: str) -> dict:
     deps=[prepared_images, tag_table, settings_assets["training"]],
     group_name="training",
     code_version="1",
-    pool="gpu",
-    op_tags=gpu_op_tags(),
-    retry_policy=GPU_RETRY,
+    **gpu_step(),
     kinds={"pytorch"},
     check_specs=[
         AssetCheckSpec("embedding_is_finite", asset=STAGE, description="no NaN or inf in the vectors"),
