@@ -210,6 +210,11 @@ class EvaluationSettings(_Section):
     y_axis: GridAxis = "prompt"
     z_axis: GridAxis | Literal["none"] = "seed"
     cell_size: int = Field(0, ge=0, le=2048, description="pixels per cell in the grid PNG; 0: the image size, at least 128")
+    clip_model: str = Field("", description="a local CLIP model folder (relative: to the project root); empty: no CLIP scores")
+    patience_evaluations: int = Field(3, ge=1, description="seeds' rule: warn after this many checkpoints without improvement")
+    overfitting_evaluations: int = Field(
+        2, ge=1, description="warn when validation loss rose while training loss fell for this many checkpoints"
+    )
 
     @field_validator("seeds", "steps", "cfg_scale", "strength", mode="before")
     @classmethod
