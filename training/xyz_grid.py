@@ -63,13 +63,6 @@ class CellSpec:
         )
 
 
-def axis_value(cell: CellSpec, kind: str) -> Any:
-    return {
-        "checkpoint": cell.checkpoint.step, "prompt": cell.prompt, "seed": cell.seed, "cfg_scale": cell.cfg_scale,
-        "steps": cell.steps, "strength": cell.strength, "method": cell.method,
-    }[kind]  # fmt: skip
-
-
 def value_label(kind: str, value: Any, checkpoint: Checkpoint | None = None) -> str:
     if kind == "checkpoint":
         return checkpoint.label if checkpoint is not None else f"step {value}"
