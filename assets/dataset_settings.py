@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -181,13 +181,52 @@ class TrainingSettings(_Section):
         return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
+GridAxis = Literal["checkpoint", "prompt", "seed", "cfg_scale", "steps", "strength", "method"]
+
+
+def _as_tuple(value: object) -> object:
+    """A single value where a list is allowed: `steps: 20` means `steps: [20]`."""
+    return (value,) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else value
+
+
 class EvaluationSettings(_Section):
-    prompts: tuple[str, ...] = ("a photo of [name]", "a painting of [name]")
+    """The webui X/Y/Z plot: each of checkpoint, prompt, seed, cfg_scale, steps, strength and method can be an
+    axis; a parameter on no axis must have one value, printed in the grid's legend."""
+
+    prompts: tuple[str, ...] = Field(
+        (), description="[name] = the trained name; empty: a subject or style set chosen by the training template"
+    )
+    prompts_file: str = Field("", description="one prompt per line (# comments), relative to the dataset folder")
     negative_prompt: str = ""
-    seeds: tuple[int, ...] = (1, 2, 3)
-    steps: int = Field(20, ge=1, le=500)
-    cfg_scale: float = Field(7.0, ge=0)
+    seeds: tuple[int, ...] = Field((1, 2, 3), min_length=1)
+    steps: tuple[Annotated[int, Field(ge=1, le=500)], ...] = Field((20,), min_length=1)
+    cfg_scale: tuple[Annotated[float, Field(ge=0)], ...] = Field((7.0,), min_length=1)
+    strength: tuple[float, ...] = Field((1.0,), min_length=1, description="embedding emphasis / network multiplier")
+    checkpoints: Literal["all", "final"] | tuple[Annotated[int, Field(ge=1)], ...] = Field(
+        "all", description="all: every saved checkpoint and the final one; final; or a list of steps"
+    )
     sampler: Literal["ddim", "dpm", "euler", "euler_a", "pndm"] = "dpm"
+    x_axis: GridAxis = "checkpoint"
+    y_axis: GridAxis = "prompt"
+    z_axis: GridAxis | Literal["none"] = "seed"
+    cell_size: int = Field(0, ge=0, le=2048, description="pixels per cell in the grid PNG; 0: the image size, at least 128")
+    clip_model: str = Field("", description="a local CLIP model folder (relative: to the project root); empty: no CLIP scores")
+    patience_evaluations: int = Field(3, ge=1, description="seeds' rule: warn after this many checkpoints without improvement")
+    overfitting_evaluations: int = Field(
+        2, ge=1, description="warn when validation loss rose while training loss fell for this many checkpoints"
+    )
+
+    @field_validator("seeds", "steps", "cfg_scale", "strength", mode="before")
+    @classmethod
+    def _listed(cls, value: object) -> object:
+        return _as_tuple(value)
+
+    @model_validator(mode="after")
+    def _axes_differ(self) -> EvaluationSettings:
+        axes = [self.x_axis, self.y_axis] + ([] if self.z_axis == "none" else [self.z_axis])
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"x_axis, y_axis and z_axis must differ, got {', '.join(axes)}")
+        return self
 
 
 class DatasetSettings(_Section):

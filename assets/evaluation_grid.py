@@ -1,64 +1,153 @@
-"""`evaluation_grid`: images generated with the trained embedding, prompts x seeds, in one labelled grid."""
+"""`evaluation_grid`: the trained checkpoints rendered over prompts, seeds and settings in one X/Y/Z grid PNG.
+
+Cells come from a content-addressed cache, so changing one axis value (or adding a checkpoint) renders only
+the new cells; `cells.parquet` lists every cell with its coordinates for the metrics that score them.
+"""
 
 
+import re
 from pathlib import Path
 
-from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
+import pandas as pd
+from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue, asset
 
+from assets.dataset_settings import EvaluationSettings
 from assets.metadata import image_md, settings_for
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
 from assets.placement import gpu_step
 from assets.textual_inversion import read_training_run, textual_inversion
+from common.atomic import write_parquet
 from common.hashing import file_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
-from training.evaluation import build_pipeline, render_grid
+from training.evaluation import GridResult, RenderSettings, build_pipeline, render_xyz_grid
+from training.templates import NAME_KEYWORD, evaluation_prompts, read_prompt_file, render_prompt
+from training.xyz_grid import Checkpoint, GridPlan
 
 STAGE = "evaluation_grid"
+CELLS_TABLE = "cells.parquet"
+METHOD = "textual_inversion"
+
+
+def saved_checkpoints(run: dict, method: str = METHOD) -> dict[tuple[str, int], Checkpoint]:
+    """Every checkpoint a training run wrote (from its run file), the final one marked; by (method, step)."""
+    found = {}
+    for key, path in run["files"].items():
+        match = re.fullmatch(r"checkpoint_(\d+)_diffusers", key)
+        if match:
+            step = int(match.group(1))
+            found[(method, step)] = Checkpoint(method, step, Path(path), run["name"])
+    final = int(run["steps"])
+    found[(method, final)] = Checkpoint(method, final, Path(run["files"]["diffusers"]), run["name"], final=True)
+    return dict(sorted(found.items()))
+
+
+def evaluation_prompt_list(settings: EvaluationSettings, dataset_dir: Path, template: str) -> list[str]:
+    """The dataset's prompts, then its prompt file's; neither: the defaults for the training template's kind."""
+    prompts = list(settings.prompts)
+    if settings.prompts_file:
+        prompts += read_prompt_file(dataset_dir / settings.prompts_file)
+    return list(dict.fromkeys(prompts)) or list(evaluation_prompts(template))
+
+
+def checkpoint_steps(settings: EvaluationSettings, checkpoints: dict[tuple[str, int], Checkpoint], method: str) -> tuple[int, ...]:
+    """The steps to evaluate; a requested step that was never saved (or was deleted) is named in the error."""
+    saved = sorted(step for owner, step in checkpoints if owner == method)
+    if settings.checkpoints == "all":
+        return tuple(saved)
+    if settings.checkpoints == "final":
+        return (max(saved),)
+    unknown = [step for step in settings.checkpoints if step not in saved]
+    if unknown:
+        raise ValueError(
+            f"evaluation checkpoint step {unknown[0]} of {method} does not exist (saved: {', '.join(map(str, saved))})"
+        )
+    return tuple(settings.checkpoints)
+
+
+def grid_plan(settings: EvaluationSettings, prompts: list[str], checkpoints: dict[tuple[str, int], Checkpoint]) -> GridPlan:
+    return GridPlan(
+        x=settings.x_axis,
+        y=settings.y_axis,
+        z=None if settings.z_axis == "none" else settings.z_axis,
+        values={
+            "checkpoint": checkpoint_steps(settings, checkpoints, METHOD), "prompt": tuple(prompts),
+            "seed": settings.seeds, "cfg_scale": settings.cfg_scale, "steps": settings.steps,
+            "strength": settings.strength, "method": (METHOD,),
+        },  # fmt: skip
+        checkpoints=checkpoints,
+    )
+
+
+def cells_table(result: GridResult) -> pd.DataFrame:
+    """One row per cell of the grid: its coordinates, its files and whether it was rendered now or reused."""
+    rows = []
+    for item, path in zip(result.cells, result.cell_files):
+        spec = item.spec
+        rows.append({
+            "method": spec.method, "step": spec.checkpoint.step, "final": spec.checkpoint.final,
+            "checkpoint": str(spec.checkpoint.path), "name": spec.checkpoint.name, "prompt": spec.prompt,
+            "prompt_text": render_prompt(spec.prompt, spec.checkpoint.name, ""), "seed": spec.seed,
+            "cfg_scale": spec.cfg_scale, "steps": spec.steps, "strength": spec.strength, "image": str(path),
+            "cache_key": item.key, "rendered": item.rendered,
+        })  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 @asset(
     partitions_def=datasets_partitions,
     deps=[textual_inversion, settings_assets["evaluation"]],
     group_name="evaluation",
-    code_version="1",
+    code_version="2",
     **gpu_step(),
     kinds={"pytorch"},
-    description="A grid PNG of the evaluation prompts ([name] = the embedding) x fixed seeds, and each cell.",
+    description="An X/Y/Z grid PNG (default: checkpoints x prompts x seeds, [name] = the trained name) with "
+    "labelled axes and a legend of the fixed settings, each cell beside it, and cells.parquet.",
 )
 def evaluation_grid(
     context: AssetExecutionContext, paths: ProjectPaths, base_model: BaseModelResource, device: TorchDevice
 ) -> MaterializeResult:
     dataset = context.partition_key
-    settings = settings_for(paths, dataset).evaluation
+    all_settings = settings_for(paths, dataset)
+    settings = all_settings.evaluation
     run = read_training_run(paths, dataset)
+    try:
+        prompts = evaluation_prompt_list(settings, paths.dataset_dir(dataset), all_settings.training.template)
+        plan = grid_plan(settings, prompts, saved_checkpoints(run))
+    except ValueError as error:
+        raise Failure(description=f"datasets/{dataset}/dataset.yaml, evaluation section: {error}", allow_retries=False) from error
+    for prompt in prompts:
+        if NAME_KEYWORD not in prompt:
+            context.log.warning(f"evaluation prompt {prompt!r} has no {NAME_KEYWORD}: its cells do not use the embedding")
     base = base_model.load(device)
     pipeline = build_pipeline(base, settings.sampler)
-    out_path = paths.output_dir(dataset, STAGE) / f"{run['name']}_grid.png"
-    render_grid(
-        pipeline,
-        Path(run["files"]["diffusers"]),
-        settings.prompts,
-        settings.seeds,
-        out_path,
-        name=run["name"],
-        steps=settings.steps,
-        cfg_scale=settings.cfg_scale,
-        negative_prompt=settings.negative_prompt,
-        clip_skip=run["clip_skip"],
-    )
-    cells = len(settings.prompts) * len(settings.seeds)
-    context.log.info(f"rendered {cells} images into {out_path}")
+    render = RenderSettings(settings.sampler, settings.negative_prompt, run["clip_skip"], base.fingerprint)
+    out_dir = paths.output_dir(dataset, STAGE)
+    title = f"{run['name']} - {METHOD} - {base.name} [{base.short_hash}]"
+    try:
+        result = render_xyz_grid(
+            pipeline, plan, render, out_dir / f"{run['name']}_{METHOD}_grid.png",
+            paths.data_root() / "cache" / "evaluation_cells", title=title, cell_size=settings.cell_size or None,
+        )  # fmt: skip
+    except ValueError as error:
+        raise Failure(description=f"evaluation_grid for {dataset!r}: {error}", allow_retries=False) from error
+    table = cells_table(result)
+    write_parquet(out_dir / CELLS_TABLE, table)
+    rendered = int(table["rendered"].sum())
+    context.log.info(f"{rendered} cells rendered, {len(table) - rendered} reused from the cache: {result.path}")
     return MaterializeResult(
         metadata={
-            "processed": cells,
-            "reused": 0,
+            "processed": rendered,
+            "reused": len(table) - rendered,
             "skipped": 0,
-            "grid": image_md(out_path, max_side=768, caption="evaluation grid"),
-            "grid_path": MetadataValue.path(str(out_path)),
+            "cells": len(table),
+            "axes": f"x={plan.x}, y={plan.y}, z={plan.z or 'none'}",
+            "checkpoints": ", ".join(str(step) for step in plan.values["checkpoint"]),
+            "prompts_without_name": sum(NAME_KEYWORD not in prompt for prompt in prompts),
+            "grid": image_md(result.path, max_side=768, caption="evaluation grid"),
+            "grid_path": MetadataValue.path(str(result.path)),
+            "cells_table": MetadataValue.path(str(out_dir / CELLS_TABLE)),
             "sampler": settings.sampler,
-            "steps": settings.steps,
-            "cfg_scale": settings.cfg_scale,
         },
-        data_version=DataVersion(file_sha256(out_path)),
+        data_version=DataVersion(file_sha256(result.path)),
     )

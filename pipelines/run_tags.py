@@ -19,8 +19,11 @@ STAGE_OF_ASSET = {
     "tag_table": "captions",
     "textual_inversion": "train",
     "evaluation_grid": "evaluation",
+    "evaluation_metrics": "evaluation",
 }
-METHOD_OF_ASSET = {"textual_inversion": "textual_inversion", "evaluation_grid": "textual_inversion"}
+METHOD_OF_ASSET = {
+    "textual_inversion": "textual_inversion", "evaluation_grid": "textual_inversion", "evaluation_metrics": "textual_inversion",
+}
 
 
 def run_tags_for(asset_names: Iterable[str], dataset: str | None = None) -> dict[str, str]:

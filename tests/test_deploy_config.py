@@ -15,7 +15,7 @@ from assets.placement import CELERY_QUEUE_TAG, GPU_QUEUE, GPU_RESOURCE
 from pipelines.executors import executor_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_ASSETS = {"tag_scores", "textual_inversion", "evaluation_grid"}
+GPU_ASSETS = {"tag_scores", "textual_inversion", "evaluation_grid", "evaluation_metrics"}
 PG_ENV = {"SDP_PG_HOST": "db.internal", "SDP_PG_PORT": "5433", "SDP_PG_USER": "dagster",
           "SDP_PG_PASSWORD": "secret", "SDP_PG_DB": "dagster"}
 

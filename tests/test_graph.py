@@ -181,7 +181,7 @@ def test_settings_edits_request_only_the_stages_that_read_them(materialized):
 
     # The new captions made training unsynced; it waits for the night, then runs with its evaluation.
     night = _next_2am(next(clock))
-    assert tick(night) == {"textual_inversion": {DATASET}, "evaluation_grid": {DATASET}}
+    assert tick(night) == {"textual_inversion": {DATASET}, "evaluation_grid": {DATASET}, "evaluation_metrics": {DATASET}}
     run_job(defs, instance, "train")
     assert tick(night + timedelta(hours=1)) == {}
     assert tick(night + timedelta(days=1)) == {}

@@ -1,13 +1,17 @@
-"""Evaluation grids: render prompts x seeds with a trained embedding, so a person can judge it at a glance.
+"""Evaluation grids: render a trained method's checkpoints over prompts, seeds and settings, so a person can
+judge them at a glance (the webui's X/Y/Z plot).
 
-The embedding goes in through diffusers' own `load_textual_inversion`, the loader users' tools rely on, so a
-grid also proves the file loads. Fixed CPU generators per cell make the grid reproducible byte for byte.
+An embedding goes in through diffusers' own `load_textual_inversion`, the loader users' tools rely on, so a
+grid also proves the file loads. Fixed CPU generators per cell make a cell reproducible byte for byte, which
+is what lets a content-addressed cache keep every cell whose inputs did not change.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,13 +23,15 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionPipeline,
 )
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from common.atomic import atomic_path
+from common.atomic import atomic_path, write_bytes
+from common.hashing import cached_file_sha256, json_sha256
 from training.base_model import BaseModel
 from training.embedding_formats import read_embedding
 from training.prompt_encoding import check_clip_skip, encode_input_ids
 from training.templates import render_prompt
+from training.xyz_grid import CellSpec, Checkpoint, GridPlan, draw_grid, fixed_legend
 
 SAMPLERS = {
     "ddim": DDIMScheduler,
@@ -34,12 +40,7 @@ SAMPLERS = {
     "euler_a": EulerAncestralDiscreteScheduler,
     "pndm": PNDMScheduler,
 }
-MIN_CELL_SIZE = 128
-FONT_SIZE = 12
-PROMPT_COLUMN_WIDTH = 220
-MARGIN = 6
-BACKGROUND = (255, 255, 255)
-INK = (0, 0, 0)
+CELL_FORMAT = 1  # bump when rendering changes in a way the cache key cannot see
 
 
 def build_pipeline(base: BaseModel, sampler: str = "dpm") -> StableDiffusionPipeline:
@@ -66,38 +67,31 @@ def embedding_tokens(name: str, n_vectors: int) -> list[str]:
 
 
 @torch.no_grad()
-def prompt_embeddings(pipeline: StableDiffusionPipeline, prompt: str, clip_skip: int) -> torch.Tensor:
-    """Conditioning with webui clip-skip numbering (1 = last layer).
+def prompt_embeddings(
+    pipeline: StableDiffusionPipeline, prompt: str, clip_skip: int, weighted: Sequence[int] = (), weight: float = 1.0
+) -> torch.Tensor:
+    """Conditioning with webui clip-skip numbering (1 = last layer), the `weighted` token ids emphasised.
 
     Why not the pipeline's `clip_skip=` argument (which counts skipped layers, webui - 1): diffusers 0.42
     reads `text_encoder.text_model.final_layer_norm`, which transformers 5 removed, so any clip skip
     there raises AttributeError. We tokenize as the pipeline does (including its expansion of
     multi-vector tokens) and run the same text-encoder layers ourselves.
+
+    Emphasis is the webui's `(token:weight)`: the encoded positions of those tokens are multiplied by the
+    weight, then the whole conditioning is rescaled to its original mean, so 1.0 changes nothing.
     """
     text = pipeline.maybe_convert_prompt(prompt, pipeline.tokenizer)
     input_ids = pipeline.tokenizer(
         text, padding="max_length", max_length=pipeline.tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    return encode_input_ids(pipeline.text_encoder, input_ids, clip_skip)
-
-
-def render_cell(
-    pipeline: StableDiffusionPipeline,
-    prompt: str,
-    negative_prompt: str,
-    seed: int,
-    steps: int,
-    cfg_scale: float,
-    clip_skip: int,
-) -> Image.Image:
-    return render_conditioned(
-        pipeline,
-        prompt_embeddings(pipeline, prompt, clip_skip),
-        prompt_embeddings(pipeline, negative_prompt, clip_skip),
-        seed,
-        steps,
-        cfg_scale,
-    )
+    conditioning = encode_input_ids(pipeline.text_encoder, input_ids, clip_skip)
+    if weight == 1.0 or not weighted:
+        return conditioning
+    mask = torch.isin(input_ids, torch.tensor(list(weighted))).to(conditioning.device)
+    multipliers = torch.where(mask, weight, 1.0).to(conditioning.dtype)[..., None]
+    original_mean = conditioning.float().mean()
+    emphasised = conditioning * multipliers
+    return emphasised * (original_mean / emphasised.float().mean()).to(conditioning.dtype)
 
 
 def render_conditioned(
@@ -121,113 +115,147 @@ def render_conditioned(
     return result.images[0]
 
 
-def _resized(image: Image.Image, size: int) -> Image.Image:
-    """NEAREST when enlarging, so tiny images stay crisp pixels instead of blur."""
-    if image.size == (size, size):
-        return image
-    method = Image.Resampling.NEAREST if size > image.width else Image.Resampling.LANCZOS
-    return image.resize((size, size), method)
 
 
-def _wrap(text: str, font: ImageFont.FreeTypeFont, width: int, max_lines: int) -> list[str]:
-    lines: list[str] = []
-    for word in text.split():
-        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    if len(lines) > max_lines:
-        lines = lines[: max_lines - 1] + [lines[max_lines - 1] + " ..."]
-    return lines
+# How each method's checkpoint is put into the pipeline for a with-block: it yields the prompt encoder to use.
+Encoder = Callable[[str], torch.Tensor]
 
 
-def draw_grid(
-    cells: list[list[Image.Image]], prompts: Sequence[str], seeds: Sequence[int], title: str, cell_size: int
-) -> Image.Image:
-    """A row per prompt (text at the left), a column per seed (label on top), a title line above all."""
-    font = ImageFont.load_default(size=FONT_SIZE)
-    line_height = FONT_SIZE + 4
-    top = MARGIN + line_height + MARGIN + line_height
-    width = max(PROMPT_COLUMN_WIDTH + len(seeds) * (cell_size + MARGIN), MARGIN + int(font.getlength(title))) + MARGIN
-    height = top + len(prompts) * (cell_size + MARGIN) + MARGIN
-    grid = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(grid)
-    draw.text((MARGIN, MARGIN), title, fill=INK, font=font)
-    for column, seed in enumerate(seeds):
-        x = PROMPT_COLUMN_WIDTH + column * (cell_size + MARGIN)
-        draw.text((x, top - line_height), f"seed {seed}", fill=INK, font=font)
-    max_lines = max(1, cell_size // line_height)
-    for row, (prompt, images) in enumerate(zip(prompts, cells)):
-        y = top + row * (cell_size + MARGIN)
-        for index, line in enumerate(_wrap(prompt, font, PROMPT_COLUMN_WIDTH - 2 * MARGIN, max_lines)):
-            draw.text((MARGIN, y + index * line_height), line, fill=INK, font=font)
-        for column, image in enumerate(images):
-            grid.paste(_resized(image, cell_size), (PROMPT_COLUMN_WIDTH + column * (cell_size + MARGIN), y))
-    return grid
-
-
-def _save_png(image: Image.Image, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-
-
-def _check_request(out_path: Path, prompts: Sequence[str], seeds: Sequence[int], steps: int, cell_size: int | None) -> None:
-    if "grid" not in out_path.name:
-        raise ValueError(f"{out_path}: an evaluation grid's file name must contain 'grid'")
-    if not prompts or not seeds:
-        raise ValueError("an evaluation grid needs at least one prompt and one seed")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    if cell_size is not None and cell_size < 1:
-        raise ValueError(f"cell_size must be at least 1, got {cell_size}")
-
-
-def render_grid(
-    pipeline: StableDiffusionPipeline,
-    embedding_path: Path,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    out_path: Path,
-    *,
-    name: str,
-    steps: int = 20,
-    cfg_scale: float = 7.0,
-    negative_prompt: str = "",
-    clip_skip: int = 1,
-    cell_size: int | None = None,
-) -> Path:
-    """Render `[name]` prompts x seeds into a labelled grid PNG, cells beside it in `<stem>_cells/`.
-
-    The embedding is unloaded afterwards (even on error), so the pipeline and the base model it shares
-    come back as they were and can be reused for the next checkpoint.
-    """
-    embedding_path, out_path = Path(embedding_path), Path(out_path)
-    _check_request(out_path, prompts, seeds, steps, cell_size)
-    check_clip_skip(pipeline.text_encoder, clip_skip)
-    embedding = read_embedding(embedding_path)
+@contextmanager
+def textual_inversion_applied(
+    pipeline: StableDiffusionPipeline, checkpoint: Checkpoint, strength: float, clip_skip: int
+) -> Iterator[Encoder]:
+    """The embedding loaded under its name (strength = the webui's `(name:strength)` emphasis), unloaded
+    afterwards even on error, so the shared base model comes back as it was."""
+    embedding = read_embedding(checkpoint.path)
     hidden = pipeline.text_encoder.get_input_embeddings().embedding_dim
     if embedding.vectors.shape[1] != hidden:
         raise ValueError(
-            f"{embedding_path}: vectors of size {embedding.vectors.shape[1]} do not fit this model's text encoder ({hidden})"
+            f"{checkpoint.path}: vectors of size {embedding.vectors.shape[1]} do not fit this model's text encoder ({hidden})"
         )
-    rendered = [render_prompt(prompt, name, "") for prompt in prompts]
-    pipeline.load_textual_inversion(os.fspath(embedding_path), token=name)
+    tokens = embedding_tokens(checkpoint.name, embedding.vectors.shape[0])
+    pipeline.load_textual_inversion(os.fspath(checkpoint.path), token=checkpoint.name)
     try:
-        cells = [
-            [render_cell(pipeline, prompt, negative_prompt, seed, steps, cfg_scale, clip_skip) for seed in seeds]
-            for prompt in rendered
-        ]
+        ids = pipeline.tokenizer.convert_tokens_to_ids(tokens)
+        yield lambda prompt: prompt_embeddings(pipeline, prompt, clip_skip, ids, strength)
     finally:
-        pipeline.unload_textual_inversion(embedding_tokens(name, embedding.vectors.shape[0]))
+        pipeline.unload_textual_inversion(tokens)
         pipeline.text_encoder.requires_grad_(False)  # unloading installs a fresh, trainable token table
-    side = cells[0][0].width
-    size = cell_size or max(side, MIN_CELL_SIZE)
-    step = f" (step {embedding.step})" if embedding.step is not None else ""
-    sampling = f"{type(pipeline.scheduler).__name__}, {steps} steps, CFG {cfg_scale:g}, clip skip {clip_skip}"
-    title = f"{name}{step} - {embedding_path.name} - {sampling}"
+
+
+METHOD_APPLIERS: dict[str, Callable[..., AbstractContextManager[Encoder]]] = {
+    "textual_inversion": textual_inversion_applied,
+}
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What every cell of one grid shares, besides its CellSpec."""
+
+    sampler: str
+    negative_prompt: str = ""
+    clip_skip: int = 1
+    base_fingerprint: str = ""
+
+
+def cell_key(cell: CellSpec, render: RenderSettings) -> str:
+    """The cache key of one image: the checkpoint's content and every input of the sampling loop."""
+    return json_sha256({
+        "version": CELL_FORMAT, "checkpoint": cached_file_sha256(cell.checkpoint.path), "method": cell.method,
+        "name": cell.checkpoint.name, "prompt": render_prompt(cell.prompt, cell.checkpoint.name, ""),
+        "negative_prompt": render.negative_prompt, "seed": cell.seed, "cfg_scale": cell.cfg_scale,
+        "steps": cell.steps, "strength": cell.strength, "sampler": render.sampler, "clip_skip": render.clip_skip,
+        "base_model": render.base_fingerprint,
+    })  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RenderedCell:
+    spec: CellSpec
+    key: str
+    cache_path: Path
+    rendered: bool  # False: reused from the cache
+
+
+def _check_checkpoints(cells: Sequence[CellSpec]) -> None:
+    for cell in cells:
+        if cell.method not in METHOD_APPLIERS:
+            raise ValueError(f"no evaluation for method {cell.method!r}; known: {', '.join(METHOD_APPLIERS)}")
+        if not Path(cell.checkpoint.path).is_file():
+            raise ValueError(
+                f"{cell.checkpoint.path}: the {cell.method} checkpoint at step {cell.checkpoint.step} no longer "
+                "exists; re-run the training or remove that step from the evaluation checkpoints"
+            )
+
+
+def render_cells(
+    pipeline: StableDiffusionPipeline, cells: Sequence[CellSpec], render: RenderSettings, cache_dir: Path
+) -> list[RenderedCell]:
+    """Each cell from the cache when its key is there; the rest rendered, loading each checkpoint once."""
+    _check_checkpoints(cells)
+    results: dict[CellSpec, RenderedCell] = {}
+    missing: dict[tuple[Checkpoint, float], list[tuple[CellSpec, str, Path]]] = {}
+    for cell in dict.fromkeys(cells):
+        key = cell_key(cell, render)
+        path = Path(cache_dir) / key[:2] / f"{key}.png"
+        if path.is_file():
+            results[cell] = RenderedCell(cell, key, path, rendered=False)
+        else:
+            missing.setdefault((cell.checkpoint, cell.strength), []).append((cell, key, path))
+    for (checkpoint, strength), todo in missing.items():
+        with METHOD_APPLIERS[checkpoint.method](pipeline, checkpoint, strength, render.clip_skip) as encode:
+            negative = prompt_embeddings(pipeline, render.negative_prompt, render.clip_skip)
+            for cell, key, path in todo:
+                conditioning = encode(render_prompt(cell.prompt, checkpoint.name, ""))
+                image = render_conditioned(pipeline, conditioning, negative, cell.seed, cell.steps, cell.cfg_scale)
+                save_png(image, path)
+                results[cell] = RenderedCell(cell, key, path, rendered=True)
+    return [results[cell] for cell in cells]
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
+
+
+@dataclass
+class GridResult:
+    path: Path
+    cells: list[RenderedCell] = field(default_factory=list)
+    cell_files: list[Path] = field(default_factory=list)  # the cells copied beside the grid, in cells order
+
+
+def render_xyz_grid(
+    pipeline: StableDiffusionPipeline,
+    plan: GridPlan,
+    render: RenderSettings,
+    out_path: Path,
+    cache_dir: Path,
+    *,
+    title: str,
+    cell_size: int | None = None,
+) -> GridResult:
+    """The grid PNG with its axes and legend, and each cell beside it in `<stem>_cells/`."""
+    out_path = Path(out_path)
+    if "grid" not in out_path.name:
+        raise ValueError(f"{out_path}: an evaluation grid's file name must contain 'grid'")
+    if cell_size is not None and cell_size < 1:
+        raise ValueError(f"cell_size must be at least 1, got {cell_size}")
+    check_clip_skip(pipeline.text_encoder, render.clip_skip)
+    layout = plan.cells()
+    flat = [cell for block in layout for row in block for cell in row]
+    if any(cell.steps < 1 for cell in flat):
+        raise ValueError("sampling steps must be at least 1")
+    done = render_cells(pipeline, flat, render, cache_dir)
+    images = {item.spec: Image.open(item.cache_path).convert("RGB") for item in done}
     cells_dir = out_path.parent / f"{out_path.stem}_cells"
-    for row, images in enumerate(cells):
-        for seed, image in zip(seeds, images):
-            _save_png(image, cells_dir / f"row{row}_seed{seed}.png")
-    _save_png(draw_grid(cells, rendered, seeds, title, size), out_path)
-    return out_path
+    files = [write_bytes(cells_dir / f"{item.spec.file_stem()}.png", item.cache_path.read_bytes()) for item in done]
+    for stale in set(cells_dir.glob("*.png")) - set(files):  # cells of an earlier plan: not this grid's
+        stale.unlink()
+    sampling = f"{type(pipeline.scheduler).__name__}, clip skip {render.clip_skip}"
+    if render.negative_prompt:
+        sampling += f", negative prompt: {render.negative_prompt}"
+    blocks = [[[images[cell] for cell in row] for row in block] for block in layout]
+    save_png(draw_grid(plan, blocks, title, fixed_legend(plan) + [sampling], cell_size), out_path)
+    return GridResult(out_path, done, files)

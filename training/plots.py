@@ -84,3 +84,36 @@ def plot_loss(
     with atomic_path(out_path) as tmp:
         figure.savefig(tmp, format="png")
     return Path(out_path)
+
+
+def plot_metrics(metrics: pd.DataFrame, out_path: str | os.PathLike[str], title: str, best_step: int | None = None) -> Path:
+    """Per-checkpoint training and validation loss (left axis), CLIP similarities when measured (right axis),
+    the checkpoint to keep marked: the one chart that answers "which checkpoint"."""
+    if metrics.empty:
+        raise ValueError(f"{title}: no checkpoints to plot")
+    figure = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    steps = metrics["step"].to_numpy(dtype=float)
+    for column, colour in (("training_loss", "tab:blue"), ("validation_loss", "tab:orange")):
+        if column in metrics and metrics[column].notna().any():
+            axes.plot(steps, metrics[column].to_numpy(dtype=float), marker="o", color=colour, label=column.replace("_", " "))
+    axes.set_xlabel("checkpoint step")
+    axes.set_ylabel("loss")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    if best_step is not None:
+        axes.axvline(best_step, color="tab:red", linestyle="--", linewidth=1, label=f"best: step {best_step}")
+    axes.legend(loc="upper left")
+    clip_columns = [c for c in ("clip_image_similarity", "clip_text_similarity") if c in metrics and metrics[c].notna().any()]
+    if clip_columns:
+        clip_axes = axes.twinx()
+        for column, colour in zip(clip_columns, ("tab:green", "tab:purple")):
+            clip_axes.plot(steps, metrics[column].to_numpy(dtype=float), marker="s", linestyle=":", color=colour,
+                           label=column.replace("_", " "))  # fmt: skip
+        clip_axes.set_ylabel("CLIP cosine similarity")
+        clip_axes.legend(loc="upper right")
+    figure.tight_layout()
+    with atomic_path(out_path) as tmp:
+        figure.savefig(tmp, format="png")
+    return Path(out_path)

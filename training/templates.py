@@ -45,3 +45,26 @@ def load_template(name_or_path: str) -> list[str]:
 def render_prompt(template_line: str, name: str, filewords: str) -> str:
     """Substitute `[filewords]` first, then `[name]`, as the webui does (so a caption may itself mention `[name]`)."""
     return template_line.replace(FILEWORDS_KEYWORD, filewords).replace(NAME_KEYWORD, name)
+
+
+# Evaluation prompts when a dataset names none: what the embedding was trained to be decides what to ask of it.
+EVALUATION_PROMPTS = {
+    "subject": ("a photo of [name]", "a painting of [name]", "[name] on a white background"),
+    "style": ("a painting in the style of [name]", "a landscape in the style of [name]", "a portrait, [name] style"),
+}
+
+
+def evaluation_prompts(template: str) -> tuple[str, ...]:
+    """Style prompts for a style template (`style`, `style_filewords`, a user file named *style*), else subject."""
+    return EVALUATION_PROMPTS["style" if "style" in Path(template).stem else "subject"]
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """One prompt per line, as the webui's "prompts from file"; blank lines and `#` comments are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: prompt file does not exist") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: prompt file is not UTF-8 text ({error})") from error
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]

@@ -23,7 +23,7 @@ from tests.integration.servers import READY_TIMEOUT_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-GPU_STEPS = {"tag_scores", "textual_inversion", "evaluation_grid"}
+GPU_STEPS = {"tag_scores", "textual_inversion", "evaluation_grid", "evaluation_metrics"}
 CPU_STEPS = {"prepared_images", "tag_table"}
 WORKERS = ("gpu-1", "cpu-1")  # names given by deploy/start_celery_workers.sh
 RUN_GUARD_S = 900  # a hung run fails the test instead of hanging CI; not a timing assertion

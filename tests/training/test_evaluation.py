@@ -8,7 +8,8 @@ from PIL import Image
 
 from training.base_model import BaseModel
 from training.embedding_formats import save_diffusers_embedding, save_webui_pt
-from training.evaluation import SAMPLERS, build_pipeline, prompt_embeddings, render_grid
+from training.evaluation import SAMPLERS, RenderSettings, build_pipeline, prompt_embeddings, render_xyz_grid
+from training.xyz_grid import Checkpoint, GridPlan
 from training.prompt_encoding import encode_prompts, tokenize_with_placeholder
 
 
@@ -64,54 +65,99 @@ def test_loaded_embedding_changes_the_conditioning_exactly_as_trained(
     torch.testing.assert_close(with_token, trained, rtol=0, atol=1e-5)
 
 
-def test_grid_is_deterministic_labelled_and_leaves_the_model_as_it_was(
+def _plan(files: dict[str, Path], **values) -> GridPlan:
+    checkpoints = {
+        ("textual_inversion", 20): Checkpoint("textual_inversion", 20, files["diffusers"], "mycat"),
+        ("textual_inversion", 40): Checkpoint("textual_inversion", 40, files["webui_pt"], "mycat", final=True),
+    }
+    defaults = {"checkpoint": (20, 40), "prompt": ("a photo of a [name]", "[name] painting"), "seed": (1, 2),
+                "cfg_scale": (5.0,), "steps": (3,), "strength": (1.0,), "method": ("textual_inversion",)}
+    axes = values.pop("axes", ("checkpoint", "prompt", "seed"))
+    return GridPlan(*axes, values={**defaults, **values}, checkpoints=checkpoints)
+
+
+def test_grid_is_deterministic_cached_labelled_and_leaves_the_model_as_it_was(
     tiny_base: BaseModel, embedding_files: dict[str, Path], tmp_path: Path
 ) -> None:
     pipeline = build_pipeline(tiny_base, "euler_a")
     vocabulary = len(tiny_base.tokenizer)
     table = tiny_base.text_encoder.get_input_embeddings().weight.detach().clone()
-    arguments = dict(
-        prompts=["a photo of a [name]", "[name] painting"], seeds=[1, 2, 3], name="mycat", steps=4, cfg_scale=5.0, clip_skip=2
-    )
-    first = render_grid(pipeline, embedding_files["webui_pt"], out_path=tmp_path / "a" / "eval_grid.png", **arguments)
-    second = render_grid(pipeline, embedding_files["webui_pt"], out_path=tmp_path / "b" / "eval_grid.png", **arguments)
+    render = RenderSettings("euler_a", clip_skip=2, base_fingerprint=tiny_base.fingerprint)
+    cache = tmp_path / "cache"
+    first = render_xyz_grid(pipeline, _plan(embedding_files), render, tmp_path / "a" / "eval_grid.png", cache, title="t")
+    second = render_xyz_grid(pipeline, _plan(embedding_files), render, tmp_path / "b" / "eval_grid.png", tmp_path / "c2", title="t")
 
-    assert first.read_bytes() == second.read_bytes()
+    assert first.path.read_bytes() == second.path.read_bytes()  # rendered twice from scratch: byte-identical
+    assert all(cell.rendered for cell in first.cells) and len(first.cells) == 2 * 2 * 2
     assert len(tiny_base.tokenizer) == vocabulary
     assert torch.equal(tiny_base.text_encoder.get_input_embeddings().weight, table)
     assert not any(parameter.requires_grad for parameter in tiny_base.text_encoder.parameters())
-    cells = sorted(p.name for p in (tmp_path / "a" / "eval_grid_cells").iterdir())
-    assert cells == [f"row{r}_seed{s}.png" for r in range(2) for s in (1, 2, 3)]
-    cell_dir = tmp_path / "a" / "eval_grid_cells"
-    with Image.open(first) as grid, Image.open(cell_dir / "row0_seed1.png") as cell:
+    names = sorted(path.name for path in (tmp_path / "a" / "eval_grid_cells").iterdir())
+    assert len(names) == 8 and "textual_inversion_step20_p0_seed1_cfg5_steps3_s1.png" in names
+    with Image.open(first.path) as grid, Image.open(first.cell_files[0]) as cell:
         assert cell.size == (64, 64)
-        assert grid.width > 3 * 128 and grid.height > 2 * 128  # tiny cells are enlarged to 128
-    assert (cell_dir / "row0_seed1.png").read_bytes() != (cell_dir / "row0_seed2.png").read_bytes()
+        assert grid.width > 2 * 128 and grid.height > 2 * 2 * 128  # two z blocks of two rows, cells enlarged to 128
+    by_name = {path.name: path.read_bytes() for path in first.cell_files}
+    assert by_name["textual_inversion_step20_p0_seed1_cfg5_steps3_s1.png"] != by_name["textual_inversion_step20_p0_seed2_cfg5_steps3_s1.png"]
+
+    # Only the cells whose inputs changed are rendered again: a new CFG value renders only its own cells.
+    again = render_xyz_grid(pipeline, _plan(embedding_files), render, tmp_path / "a" / "eval_grid.png", cache, title="t")
+    assert not any(cell.rendered for cell in again.cells)
+    assert again.path.read_bytes() == first.path.read_bytes()
+    wider = _plan(embedding_files, axes=("checkpoint", "cfg_scale", "seed"), prompt=("a photo of a [name]",), cfg_scale=(5.0, 9.0))
+    third = render_xyz_grid(pipeline, wider, render, tmp_path / "a" / "eval_grid.png", cache, title="t")
+    assert [cell.rendered for cell in third.cells].count(True) == 4  # 2 checkpoints x 2 seeds at CFG 9
+    assert len(list((tmp_path / "a" / "eval_grid_cells").iterdir())) == 8  # stale cells of the old plan removed
 
 
-def test_cell_size_sets_the_grid_scale(tiny_base: BaseModel, embedding_files: dict[str, Path], tmp_path: Path) -> None:
+def test_the_same_vectors_in_both_formats_render_the_same_cells(
+    tiny_base: BaseModel, embedding_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """Checkpoint 20 (diffusers file) and 40 (webui .pt) hold the same vectors: their cells are identical,
+    though their cache keys differ (the files differ)."""
     pipeline = build_pipeline(tiny_base)
-    grids = {
-        size: render_grid(pipeline, embedding_files["diffusers"], ["[name]"], [0, 1], tmp_path / f"{size}_grid.png",
-                          name="mycat", steps=2, cell_size=size)
-        for size in (64, 256)
-    }  # fmt: skip
-    with Image.open(grids[64]) as small, Image.open(grids[256]) as large:
-        assert large.height - small.height == 256 - 64
-    cells = [(tmp_path / f"{size}_grid_cells" / "row0_seed1.png").read_bytes() for size in (64, 256)]
-    assert cells[0] == cells[1]
+    result = render_xyz_grid(pipeline, _plan(embedding_files, seed=(1,), axes=("checkpoint", "prompt", None)),
+                             RenderSettings("dpm"), tmp_path / "grid.png", tmp_path / "cache", title="t")  # fmt: skip
+    images = {(cell.spec.checkpoint.step, cell.spec.prompt): cell.cache_path.read_bytes() for cell in result.cells}
+    assert images[(20, "[name] painting")] == images[(40, "[name] painting")]
+    assert len({cell.key for cell in result.cells}) == 4
+
+
+def test_strength_is_the_webui_emphasis_of_the_embedding_tokens(tiny_base: BaseModel, embedding_files: dict[str, Path]) -> None:
+    pipeline = build_pipeline(tiny_base)
+    pipeline.load_textual_inversion(str(embedding_files["diffusers"]), token="mycat")
+    try:
+        ids = pipeline.tokenizer.convert_tokens_to_ids(["mycat", "mycat_1"])
+        plain = prompt_embeddings(pipeline, "a photo of mycat", 1)
+        same = prompt_embeddings(pipeline, "a photo of mycat", 1, ids, 1.0)
+        strong = prompt_embeddings(pipeline, "a photo of mycat", 1, ids, 1.5)
+        input_ids = pipeline.tokenizer(pipeline.maybe_convert_prompt("a photo of mycat", pipeline.tokenizer),
+                                       padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    finally:
+        pipeline.unload_textual_inversion(["mycat", "mycat_1"])
+        pipeline.text_encoder.requires_grad_(False)
+    assert torch.equal(plain, same)
+    torch.testing.assert_close(strong.mean(), plain.mean(), rtol=1e-4, atol=1e-6)  # rescaled to the original mean
+    mask = torch.isin(input_ids, torch.tensor(ids))
+    assert int(mask.sum()) == 2
+    ratio = strong[0] / plain[0]
+    rescale = ratio[~mask].mean()
+    torch.testing.assert_close(ratio[~mask], torch.full_like(ratio[~mask], float(rescale)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ratio[mask], torch.full_like(ratio[mask], 1.5 * float(rescale)), rtol=1e-4, atol=1e-4)
 
 
 def test_grid_requests_are_checked_before_rendering(tiny_base: BaseModel, embedding_files: dict[str, Path], tmp_path: Path) -> None:
     pipeline = build_pipeline(tiny_base)
-    common = dict(prompts=["[name]"], seeds=[0], name="mycat", steps=2)
+    render = RenderSettings("dpm")
     with pytest.raises(ValueError, match="file name must contain 'grid'"):
-        render_grid(pipeline, embedding_files["diffusers"], out_path=tmp_path / "eval.png", **common)
+        render_xyz_grid(pipeline, _plan(embedding_files), render, tmp_path / "eval.png", tmp_path, title="t")
     with pytest.raises(ValueError, match="cell_size must be at least 1"):
-        render_grid(pipeline, embedding_files["diffusers"], out_path=tmp_path / "grid.png", **common, cell_size=0)
-    with pytest.raises(ValueError, match="at least one prompt and one seed"):
-        render_grid(pipeline, embedding_files["diffusers"], out_path=tmp_path / "grid.png", **{**common, "seeds": []})
+        render_xyz_grid(pipeline, _plan(embedding_files), render, tmp_path / "grid.png", tmp_path, title="t", cell_size=0)
     wide = save_diffusers_embedding(tmp_path / "wide.safetensors", "wide", torch.zeros(1, 768))
+    plan = _plan({"diffusers": wide, "webui_pt": wide})
     with pytest.raises(ValueError, match="wide.safetensors: vectors of size 768 do not fit"):
-        render_grid(pipeline, wide, out_path=tmp_path / "grid.png", **common)
+        render_xyz_grid(pipeline, plan, render, tmp_path / "grid.png", tmp_path, title="t")
+    gone = _plan({"diffusers": tmp_path / "deleted.safetensors", "webui_pt": embedding_files["webui_pt"]})
+    with pytest.raises(ValueError, match=r"deleted.safetensors: the textual_inversion checkpoint at step 20 no longer exists"):
+        render_xyz_grid(pipeline, gone, render, tmp_path / "grid.png", tmp_path, title="t")
     assert not (tmp_path / "grid.png").exists()
