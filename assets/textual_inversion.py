@@ -27,11 +27,12 @@ from assets.observations import settings_assets
 from assets.oom_retry import run_with_oom_retry
 from assets.partitions import datasets_partitions
 from assets.placement import gpu_step
-from assets.prepared_images import STAGE as PREPARED, kept_rows, manifest_path, prepared_images
+from assets.prepared_images import STAGE as PREPARED, manifest_path, prepared_images
 from assets.tag_table import captions_path, tag_table
 from common.atomic import write_text
 from common.hashing import bytes_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
+from tagging.splits import TRAIN, VALIDATION, rows_of_split
 from training.loss_checks import final_smoothed_loss, rounds_without_improvement
 from training.previews import PreviewSettings
 from training.textual_inversion import (
@@ -47,9 +48,19 @@ MAX_PREVIEWS = 20  # previews inlined in the metadata (each is a small PNG in th
 
 
 def training_examples(paths: ProjectPaths, dataset: str) -> list[TrainingExample]:
-    """Prepared images paired with their [filewords], in the order the seeds' users expect: the tag table's
-    caption, else the caption sidecar that came with the source, else the source's filename words."""
-    manifest = kept_rows(pd.read_parquet(require_file(manifest_path(paths, dataset), PREPARED)))
+    """The prepared images of the training split paired with their [filewords], in the order the seeds' users
+    expect: the tag table's caption, else the caption sidecar that came with the source, else the source's
+    filename words."""
+    return _examples(paths, dataset, TRAIN)
+
+
+def validation_examples(paths: ProjectPaths, dataset: str) -> list[TrainingExample]:
+    """The held-out prepared images (preprocess.validation_fraction), captioned as the training ones are."""
+    return _examples(paths, dataset, VALIDATION)
+
+
+def _examples(paths: ProjectPaths, dataset: str, split: str) -> list[TrainingExample]:
+    manifest = rows_of_split(pd.read_parquet(require_file(manifest_path(paths, dataset), PREPARED)), split)
     captions = pd.read_parquet(require_file(captions_path(paths, dataset), "tag_table"))
     by_image = dict(zip(captions["image"], captions["caption"]))
     folder = paths.output_dir(dataset, PREPARED)
