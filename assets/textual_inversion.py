@@ -22,7 +22,7 @@ from dagster import (
 )
 
 from assets.dataset_settings import TrainingSettings
-from assets.metadata import image_md, require_file, settings_for
+from assets.metadata import image_md, require_file, settings_for, table_md
 from assets.observations import settings_assets
 from assets.oom_retry import run_with_oom_retry
 from assets.partitions import datasets_partitions
@@ -109,6 +109,7 @@ def trainer_settings(training: TrainingSettings, dataset: str, dataset_dir: Path
             attention=training.attention,
             compile=training.compile,
             mixed_precision=training.mixed_precision,
+            early_stopping_patience=training.early_stopping_patience,
             previews=PreviewSettings(
                 every=training.create_image_every, prompt=training.preview_prompt,
                 negative_prompt=training.preview_negative_prompt, seed=training.preview_seed,
@@ -130,7 +131,7 @@ def read_training_run(paths: ProjectPaths, dataset: str) -> dict:
     partitions_def=datasets_partitions,
     deps=[prepared_images, tag_table, settings_assets["training"]],
     group_name="training",
-    code_version="1",
+    code_version="2",
     **gpu_step(),
     kinds={"pytorch"},
     check_specs=[
@@ -155,10 +156,12 @@ def textual_inversion(
     examples = training_examples(paths, dataset)
     if not examples:
         raise Failure(description=f"dataset {dataset!r} has no prepared images to train on", allow_retries=False)
+    held_out = validation_examples(paths, dataset)
     settings = trainer_settings(training, dataset, paths.dataset_dir(dataset))
     name = settings.name
     base = base_model.load(device)
-    context.log.info(f"training {name!r} on {len(examples)} images, {base.source} on {base.device} ({base.dtype})")
+    context.log.info(f"training {name!r} on {len(examples)} images ({len(held_out)} held out for the validation "
+                     f"loss), {base.source} on {base.device} ({base.dtype})")
     every = max(1, settings.max_steps // 10)
 
     def progress(step: int, loss: float) -> None:
@@ -172,7 +175,7 @@ def textual_inversion(
         attempt = replace(settings, batch_size=batch_size, gradient_accumulation_steps=accumulation)
         return train_textual_inversion(
             base, examples, attempt, out_dir, progress=progress, latent_cache=paths.data_root() / "cache" / "latents",
-            log=context.log.info,
+            log=context.log.info, validation_examples=held_out,
         )
 
     try:
@@ -188,7 +191,8 @@ def textual_inversion(
     write_text(
         out_dir / RUN_FILE,
         json.dumps({"name": name, "steps": result.steps, "clip_skip": settings.clip_skip, "files": files,
-                    "base_model": str(base.source), "sd_checkpoint": base.short_hash}, indent=2),
+                    "base_model": str(base.source), "sd_checkpoint": base.short_hash,
+                    "stopped_early_at": result.stopped_early_at}, indent=2),
     )
     vectors = result.vectors.detach().float().cpu().contiguous()
     tail = result.losses[-10:]
@@ -205,7 +209,7 @@ def textual_inversion(
         "gradient_accumulation_steps": accumulation,
         "oom_retried": (batch_size, accumulation) != (settings.batch_size, settings.gradient_accumulation_steps),
         "processed": result.images_encoded,
-        "reused": len(examples) - result.images_encoded,
+        "reused": len(examples) + len(held_out) - result.images_encoded,
         "skipped": 0,
         "final_loss_mean_10": float(sum(tail) / len(tail)) if tail else math.nan,
         "final_loss_smoothed": final_smoothed_loss(result.losses),
@@ -213,6 +217,7 @@ def textual_inversion(
         "webui_pt": MetadataValue.path(files["webui_pt"]),
         "diffusers_embedding": MetadataValue.path(files["diffusers"]),
         "loss_csv": MetadataValue.path(files["loss_csv"]),
+        **evaluation_metadata(result, len(held_out)),
     }
     if "loss_png" in result.files:
         metadata["loss_curve"] = image_md(Path(files["loss_png"]), caption="training loss and learning rate")
@@ -222,6 +227,23 @@ def textual_inversion(
         data_version=DataVersion(bytes_sha256(vectors.numpy().tobytes())),
         check_results=loss_check_results(result, training, settings),
     )
+
+
+def evaluation_metadata(result: TrainingResult, validation_images: int) -> dict[str, object]:
+    """The held-out set, the latest validation loss and whether early stopping ended the run."""
+    metadata: dict[str, object] = {
+        "validation_images": validation_images,
+        "stopped_early_at": result.stopped_early_at,
+    }
+    if result.validations:
+        last = result.validations[-1]
+        metadata["last_evaluation_step"] = last.step
+        metadata["last_training_loss_round"] = last.training_loss
+        if validation_images:
+            metadata["validation_loss"] = last.validation_loss
+            metadata["validation_csv"] = MetadataValue.path(str(result.files["validation_csv"]))
+            metadata["validation"] = table_md(pd.DataFrame([vars(row) for row in result.validations]).tail(20).round(5))
+    return metadata
 
 
 def preview_metadata(files: dict[str, Path]) -> dict[str, MetadataValue]:
