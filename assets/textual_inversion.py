@@ -146,7 +146,8 @@ def read_training_run(paths: ProjectPaths, dataset: str) -> dict:
         ),
     ],
     description="A textual-inversion embedding: webui .pt, diffusers learned_embeds.safetensors, loss log and "
-    "curve. Not eager: runs on demand or on the nightly retrain when its inputs changed.",
+    "curve, validation loss per checkpoint on the held-out split (validation.csv), optional early stopping. "
+    "Not eager: runs on demand or on the nightly retrain when its inputs changed.",
 )
 def textual_inversion(
     context: AssetExecutionContext, paths: ProjectPaths, base_model: BaseModelResource, device: TorchDevice
