@@ -63,6 +63,8 @@ class PreprocessSettings(_Section):
     min_images: int = Field(30, ge=0, description="fewer prepared images than this warns (the seeds: 30+)")
     max_skipped_fraction: float = Field(0.5, ge=0, le=1, description="a larger skipped fraction fails the check")
     workers: int = Field(0, ge=0, le=256, description="decode/resize processes; 0: one per CPU core")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="share of sources held out for the validation "
+                                       "loss, chosen by content (never all; at least one of two or more); 0: none")
 
     @field_validator("filename_word_regex")
     @classmethod
@@ -174,6 +176,9 @@ class TrainingSettings(_Section):
                                                            "scaling) needs CUDA, bf16 also runs on CPU")
     loss_warning_threshold: float = Field(0.3, gt=0, description="warn when the final smoothed loss is above this")
     loss_patience_rounds: int = Field(10, ge=1, description="warn when the loss has not fallen for this many rounds")
+    early_stopping_patience: int = Field(0, ge=0, description="stop when the validation loss (the training loss "
+                                         "without a validation split) has not improved for this many checkpoints; "
+                                         "0: off; needs save_embedding_every")
 
     @field_validator("learning_rate", "clip_grad_value", mode="before")
     @classmethod

@@ -26,6 +26,7 @@ from resources import ProjectPaths
 from tagging.prepare import PrepareOptions, SelectOptions, prepare_images
 from tagging.prepare_cache import THUMB_FILE, entry_dir
 from tagging.sheets import contact_sheet, crop_sheet
+from tagging.splits import VALIDATION
 
 STAGE = "prepared_images"
 CROP_COLUMNS = ["crop_left", "crop_top", "crop_right", "crop_bottom"]
@@ -68,12 +69,12 @@ def skip_reasons(manifest: pd.DataFrame) -> dict[str, int]:
     partitions_def=datasets_partitions,
     deps=[raw_images, settings_assets["preprocess"]],
     group_name="prepare",
-    code_version="2",
+    code_version="3",
     kinds={"pillow", "opencv"},
     check_specs=[AssetCheckSpec(name, asset=STAGE, description=text) for name, text in CHECKS.items()],
     description="Cropped, resized (optionally flipped/greyscale) PNGs under data/<dataset>/prepared_images/, built "
     "through a content-addressed cache in worker processes, and a manifest with source, content hash, output, "
-    "crop box, status and the reason for anything skipped.",
+    "crop box, status, the train/validation split and the reason for anything skipped.",
 )
 def prepared_images(context: AssetExecutionContext, paths: ProjectPaths) -> MaterializeResult:
     dataset = context.partition_key
@@ -103,6 +104,8 @@ def prepared_images(context: AssetExecutionContext, paths: ProjectPaths) -> Mate
         **status_counts(manifest["status"]),
         "dagster/row_count": len(kept),
         "sources": len(sources),
+        "validation_images": int((kept["split"] == VALIDATION).sum()),
+        "validation_sources": int(kept.loc[kept["split"] == VALIDATION, "source"].nunique()),
         "exact_duplicates": exact,
         "near_duplicates": near,
         "skipped_by_reason": MetadataValue.json(skip_reasons(manifest)),
@@ -115,7 +118,7 @@ def prepared_images(context: AssetExecutionContext, paths: ProjectPaths) -> Mate
     if len(kept):
         metadata.update(_sheets(paths, dataset, out_dir, kept, options.fingerprint()))
     # The version depends on what was produced, not on whether it was computed or reused.
-    version = json_sha256(sorted(zip(kept["output"], kept["sha256"])))
+    version = json_sha256(sorted(zip(kept["output"], kept["sha256"], kept["split"])))
     return MaterializeResult(metadata=metadata, data_version=DataVersion(version),
                              check_results=_checks(sources, kept, settings, exact))
 

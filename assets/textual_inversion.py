@@ -22,16 +22,17 @@ from dagster import (
 )
 
 from assets.dataset_settings import TrainingSettings
-from assets.metadata import image_md, require_file, settings_for
+from assets.metadata import image_md, require_file, settings_for, table_md
 from assets.observations import settings_assets
 from assets.oom_retry import run_with_oom_retry
 from assets.partitions import datasets_partitions
 from assets.placement import gpu_step
-from assets.prepared_images import STAGE as PREPARED, kept_rows, manifest_path, prepared_images
+from assets.prepared_images import STAGE as PREPARED, manifest_path, prepared_images
 from assets.tag_table import captions_path, tag_table
 from common.atomic import write_text
 from common.hashing import bytes_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
+from tagging.splits import TRAIN, VALIDATION, rows_of_split
 from training.loss_checks import final_smoothed_loss, rounds_without_improvement
 from training.previews import PreviewSettings
 from training.textual_inversion import (
@@ -47,9 +48,19 @@ MAX_PREVIEWS = 20  # previews inlined in the metadata (each is a small PNG in th
 
 
 def training_examples(paths: ProjectPaths, dataset: str) -> list[TrainingExample]:
-    """Prepared images paired with their [filewords], in the order the seeds' users expect: the tag table's
-    caption, else the caption sidecar that came with the source, else the source's filename words."""
-    manifest = kept_rows(pd.read_parquet(require_file(manifest_path(paths, dataset), PREPARED)))
+    """The prepared images of the training split paired with their [filewords], in the order the seeds' users
+    expect: the tag table's caption, else the caption sidecar that came with the source, else the source's
+    filename words."""
+    return _examples(paths, dataset, TRAIN)
+
+
+def validation_examples(paths: ProjectPaths, dataset: str) -> list[TrainingExample]:
+    """The held-out prepared images (preprocess.validation_fraction), captioned as the training ones are."""
+    return _examples(paths, dataset, VALIDATION)
+
+
+def _examples(paths: ProjectPaths, dataset: str, split: str) -> list[TrainingExample]:
+    manifest = rows_of_split(pd.read_parquet(require_file(manifest_path(paths, dataset), PREPARED)), split)
     captions = pd.read_parquet(require_file(captions_path(paths, dataset), "tag_table"))
     by_image = dict(zip(captions["image"], captions["caption"]))
     folder = paths.output_dir(dataset, PREPARED)
@@ -98,6 +109,7 @@ def trainer_settings(training: TrainingSettings, dataset: str, dataset_dir: Path
             attention=training.attention,
             compile=training.compile,
             mixed_precision=training.mixed_precision,
+            early_stopping_patience=training.early_stopping_patience,
             previews=PreviewSettings(
                 every=training.create_image_every, prompt=training.preview_prompt,
                 negative_prompt=training.preview_negative_prompt, seed=training.preview_seed,
@@ -119,7 +131,7 @@ def read_training_run(paths: ProjectPaths, dataset: str) -> dict:
     partitions_def=datasets_partitions,
     deps=[prepared_images, tag_table, settings_assets["training"]],
     group_name="training",
-    code_version="1",
+    code_version="2",
     **gpu_step(),
     kinds={"pytorch"},
     check_specs=[
@@ -134,7 +146,8 @@ def read_training_run(paths: ProjectPaths, dataset: str) -> dict:
         ),
     ],
     description="A textual-inversion embedding: webui .pt, diffusers learned_embeds.safetensors, loss log and "
-    "curve. Not eager: runs on demand or on the nightly retrain when its inputs changed.",
+    "curve, validation loss per checkpoint on the held-out split (validation.csv), optional early stopping. "
+    "Not eager: runs on demand or on the nightly retrain when its inputs changed.",
 )
 def textual_inversion(
     context: AssetExecutionContext, paths: ProjectPaths, base_model: BaseModelResource, device: TorchDevice
@@ -144,10 +157,12 @@ def textual_inversion(
     examples = training_examples(paths, dataset)
     if not examples:
         raise Failure(description=f"dataset {dataset!r} has no prepared images to train on", allow_retries=False)
+    held_out = validation_examples(paths, dataset)
     settings = trainer_settings(training, dataset, paths.dataset_dir(dataset))
     name = settings.name
     base = base_model.load(device)
-    context.log.info(f"training {name!r} on {len(examples)} images, {base.source} on {base.device} ({base.dtype})")
+    context.log.info(f"training {name!r} on {len(examples)} images ({len(held_out)} held out for the validation "
+                     f"loss), {base.source} on {base.device} ({base.dtype})")
     every = max(1, settings.max_steps // 10)
 
     def progress(step: int, loss: float) -> None:
@@ -161,7 +176,7 @@ def textual_inversion(
         attempt = replace(settings, batch_size=batch_size, gradient_accumulation_steps=accumulation)
         return train_textual_inversion(
             base, examples, attempt, out_dir, progress=progress, latent_cache=paths.data_root() / "cache" / "latents",
-            log=context.log.info,
+            log=context.log.info, validation_examples=held_out,
         )
 
     try:
@@ -177,7 +192,8 @@ def textual_inversion(
     write_text(
         out_dir / RUN_FILE,
         json.dumps({"name": name, "steps": result.steps, "clip_skip": settings.clip_skip, "files": files,
-                    "base_model": str(base.source), "sd_checkpoint": base.short_hash}, indent=2),
+                    "base_model": str(base.source), "sd_checkpoint": base.short_hash,
+                    "stopped_early_at": result.stopped_early_at}, indent=2),
     )
     vectors = result.vectors.detach().float().cpu().contiguous()
     tail = result.losses[-10:]
@@ -194,7 +210,7 @@ def textual_inversion(
         "gradient_accumulation_steps": accumulation,
         "oom_retried": (batch_size, accumulation) != (settings.batch_size, settings.gradient_accumulation_steps),
         "processed": result.images_encoded,
-        "reused": len(examples) - result.images_encoded,
+        "reused": len(examples) + len(held_out) - result.images_encoded,
         "skipped": 0,
         "final_loss_mean_10": float(sum(tail) / len(tail)) if tail else math.nan,
         "final_loss_smoothed": final_smoothed_loss(result.losses),
@@ -202,6 +218,7 @@ def textual_inversion(
         "webui_pt": MetadataValue.path(files["webui_pt"]),
         "diffusers_embedding": MetadataValue.path(files["diffusers"]),
         "loss_csv": MetadataValue.path(files["loss_csv"]),
+        **evaluation_metadata(result, len(held_out)),
     }
     if "loss_png" in result.files:
         metadata["loss_curve"] = image_md(Path(files["loss_png"]), caption="training loss and learning rate")
@@ -211,6 +228,23 @@ def textual_inversion(
         data_version=DataVersion(bytes_sha256(vectors.numpy().tobytes())),
         check_results=loss_check_results(result, training, settings),
     )
+
+
+def evaluation_metadata(result: TrainingResult, validation_images: int) -> dict[str, object]:
+    """The held-out set, the latest validation loss and whether early stopping ended the run."""
+    metadata: dict[str, object] = {
+        "validation_images": validation_images,
+        "stopped_early_at": result.stopped_early_at,
+    }
+    if result.validations:
+        last = result.validations[-1]
+        metadata["last_evaluation_step"] = last.step
+        metadata["last_training_loss_round"] = last.training_loss
+        if validation_images:
+            metadata["validation_loss"] = last.validation_loss
+            metadata["validation_csv"] = MetadataValue.path(str(result.files["validation_csv"]))
+            metadata["validation"] = table_md(pd.DataFrame([vars(row) for row in result.validations]).tail(20).round(5))
+    return metadata
 
 
 def preview_metadata(files: dict[str, Path]) -> dict[str, MetadataValue]:

@@ -39,14 +39,13 @@ sys.path.insert(0, str(ROOT))
 
 from embedded.tiny_sd import build_tiny_sd  # noqa: E402
 from training.base_model import BaseModel, load_base_model  # noqa: E402
+from training.diffusion_objective import noise_scheduler, prediction_target  # noqa: E402
 from training.latent_cache import load_training_image  # noqa: E402
 from training.textual_inversion import (  # noqa: E402
-    _TARGETS,
     EpochSampler,
     TextualInversionSettings,
     TrainingExample,
     caption_for_step,
-    noise_scheduler,
     train_textual_inversion,
     training_template,
 )
@@ -133,7 +132,7 @@ def run_reference(base: BaseModel, examples: list[TrainingExample], settings: Te
         ).input_ids
         hidden = text_encoder(input_ids)[0]
         prediction = unet(noisy, timesteps, hidden).sample
-        target = _TARGETS[scheduler.config.prediction_type](scheduler, latents, noise, timesteps)
+        target = prediction_target(scheduler, latents, noise, timesteps)
         loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")
         loss.backward()
         optimizer.step()

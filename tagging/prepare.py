@@ -34,6 +34,7 @@ from tagging.prepare_cache import (
     read_entry,
 )
 from tagging.prepare_options import RESAMPLE_FILTERS, PrepareOptions
+from tagging.splits import assign_splits
 
 __all__ = ["MANIFEST_COLUMNS", "PrepareOptions", "RESAMPLE_FILTERS", "SelectOptions", "contact_sheet",
            "prepare_images"]
@@ -41,7 +42,7 @@ __all__ = ["MANIFEST_COLUMNS", "PrepareOptions", "RESAMPLE_FILTERS", "SelectOpti
 MANIFEST_COLUMNS = (
     "source", "source_sha256", "output", "sha256", "flipped", "width", "height", "status", "reason", "options",
     "greyscale", "tile", "crop_left", "crop_top", "crop_right", "crop_bottom", "source_width", "source_height",
-    "source_bytes", "source_mtime_ns", "dhash", "duplicate_of", "source_caption", "filename_words",
+    "source_bytes", "source_mtime_ns", "dhash", "duplicate_of", "source_caption", "filename_words", "split",
 )
 _INT_COLUMNS = ("width", "height", "tile", "crop_left", "crop_top", "crop_right", "crop_bottom", "source_width",
                 "source_height", "source_bytes", "source_mtime_ns")
@@ -61,6 +62,7 @@ class SelectOptions:
     drop_near_duplicates: bool = False
     filename_word_regex: str = ""  # webui "Filename word regex"
     filename_join_string: str = " "  # webui "Filename join string"
+    validation_fraction: float = 0.0  # sources held out for the validation loss (tagging/splits.py); 0: none
 
 
 def prepare_images(
@@ -77,8 +79,8 @@ def prepare_images(
     """Write the prepared PNGs for every image in `src_dir` into `out_dir` and return the manifest.
 
     Rows come one per output (each tile, flipped and greyscale copy is its own row) and one per skipped
-    source, sorted by source. `previous` (the last manifest) only saves re-hashing sources whose size and
-    mtime did not change. Sources missing from the cache are built by `workers` processes (0: one per CPU);
+    source, sorted by source; `split` says which kept rows are held out for validation (tagging/splits.py).
+    `previous` (the last manifest) only saves re-hashing sources whose size and mtime did not change. Sources missing from the cache are built by `workers` processes (0: one per CPU);
     `progress(done, total)` is called as each finishes. PNGs in `out_dir` that no source produces any more are
     deleted together with their `.txt` caption; every other file there is left alone.
     """
@@ -119,6 +121,7 @@ def prepare_images(
         rows.extend(_rows_for(base, stems[relative], entries[sha], entry_dir(cache_dir, fingerprint, sha), out_dir,
                               "processed" if sha in built else "reused"))
     manifest = _mark_near_duplicates(_manifest_frame(rows), select)
+    manifest["split"] = assign_splits(manifest, select.validation_fraction)
     _remove_stale_outputs(out_dir, keep=set(manifest.loc[manifest["status"] != "skipped", "output"].dropna()))
     prune(cache_dir, keep=set(first_of))
     return manifest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -102,6 +103,14 @@ def test_full_graph_outputs_are_valid_and_loadable(demo_run):
     assert state["step"] == 100 and state["name"] == webui.stem == "pip"
     assert sorted(p.name for p in (ti_dir / "checkpoints").glob("*.pt")) == ["pip-100.pt", "pip-50.pt"]
     assert (ti_dir / "loss.csv").is_file() and (ti_dir / "loss.png").is_file()
+    # A held-out split (default validation_fraction 0.1): never trained on, scored at each checkpoint.
+    held_out = manifest[manifest["split"] == "validation"]
+    assert 1 <= held_out["source"].nunique() < manifest["source"].nunique()
+    validation = pd.read_csv(ti_dir / "validation.csv")
+    assert validation["step"].tolist() == [50, 100] and (validation["validation_loss"] > 0).all()
+    run_file = json.loads((ti_dir / "training_run.json").read_text())
+    assert run_file["files"]["validation_csv"] == str(ti_dir / "validation.csv")
+    assert run_file["stopped_early_at"] is None
     grid = next((data / "evaluation_grid").glob("*grid*.png"))
     assert grid.stat().st_size > 0
 
@@ -126,7 +135,7 @@ def test_full_graph_outputs_are_valid_and_loadable(demo_run):
         "prepared_images": ["processed", "reused", "skipped", "dagster/row_count", "contact_sheet"],
         "tag_scores": ["processed", "reused", "skipped", "dagster/row_count"],
         "tag_table": ["processed", "dagster/row_count", "preview"],
-        "textual_inversion": ["loss_curve", "steps"],
+        "textual_inversion": ["loss_curve", "steps", "validation_images", "validation_loss", "stopped_early_at"],
         "evaluation_grid": ["grid"],
     }.items():
         event = instance.get_latest_materialization_event(AssetKey(key))

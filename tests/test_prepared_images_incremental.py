@@ -112,3 +112,23 @@ def test_parallel_workers_log_progress_and_match_single_process(setup) -> None:
     assert statuses(paths, "cats") == {"processed": 6}
     columns = ["source", "source_sha256", "output", "sha256", "options"]
     assert manifest(paths, "cats")[columns].equals(manifest(paths, "dogs")[columns])
+
+
+def test_validation_fraction_change_moves_the_split_without_reprocessing(setup, counted) -> None:
+    defs, paths, instance = setup
+    folder = dataset(paths, "cats", 10, validation_fraction=0.0)
+    first = prepare(defs, instance, "cats")
+    assert set(manifest(paths, "cats")["split"]) == {"train"}
+    edit_settings(folder, "preprocess", validation_fraction=0.4)
+    counted.clear()
+    second = prepare(defs, instance, "cats")
+    assert counted == [] and statuses(paths, "cats") == {"reused": 10}
+    rows = manifest(paths, "cats")
+    held = int((rows["split"] == "validation").sum())
+    assert 0 < held < 10 and set(rows["split"]) == {"train", "validation"}
+    metadata = second.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["validation_images"].value == held
+    # The prepared images are the same files, but the training set changed: downstream must see a new version.
+    versions = [run.get_asset_materialization_events()[0].materialization.tags["dagster/data_version"]
+                for run in (first, second)]
+    assert versions[0] != versions[1]

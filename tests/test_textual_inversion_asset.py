@@ -8,8 +8,14 @@ import torch
 from dagster import AssetCheckSeverity, Failure
 
 from assets.dataset_settings import TrainingSettings
-from assets.textual_inversion import MAX_PREVIEWS, loss_check_results, preview_metadata, trainer_settings
-from training.textual_inversion import TrainingResult
+from assets.textual_inversion import (
+    MAX_PREVIEWS,
+    evaluation_metadata,
+    loss_check_results,
+    preview_metadata,
+    trainer_settings,
+)
+from training.textual_inversion import Evaluation, TrainingResult
 
 
 def test_every_training_option_reaches_the_trainer() -> None:
@@ -88,3 +94,24 @@ def test_the_seeds_loss_rules_warn() -> None:
     stalled = _checks(falling[:20] + [0.2] * 180, save_embedding_every=10, loss_patience_rounds=10)
     assert not stalled["loss_still_falling"].passed
     assert stalled["loss_still_falling"].metadata["rounds_without_improvement"].value == 17
+
+
+def test_early_stopping_reaches_the_trainer_and_needs_checkpoints() -> None:
+    assert trainer_settings(TrainingSettings(early_stopping_patience=3, save_embedding_every=10), "mycat"
+                            ).early_stopping_patience == 3
+    with pytest.raises(Failure, match=r"training section: early_stopping_patience needs save_embedding_every"):
+        trainer_settings(TrainingSettings(early_stopping_patience=3), "mycat")
+
+
+def test_evaluation_metadata_names_the_last_validation_loss_and_the_early_stop(tmp_path) -> None:
+    rows = [Evaluation(10, 0.31, 0.2), Evaluation(20, 0.29, 0.18)]
+    result = TrainingResult(vectors=torch.zeros(1, 4), steps=20, losses=[0.2] * 20, validations=rows,
+                            files={"validation_csv": tmp_path / "validation.csv"}, stopped_early_at=20)
+    metadata = evaluation_metadata(result, validation_images=3)
+    assert (metadata["validation_images"], metadata["validation_loss"], metadata["stopped_early_at"]) == (3, 0.29, 20)
+    assert metadata["validation_csv"].value == str(tmp_path / "validation.csv")
+    assert "0.29" in metadata["validation"].value and metadata["last_training_loss_round"] == 0.18
+    unsplit = TrainingResult(vectors=torch.zeros(1, 4), steps=20, losses=[0.2] * 20,
+                             validations=[Evaluation(20, float("nan"), 0.2)])
+    assert "validation_loss" not in evaluation_metadata(unsplit, validation_images=0)
+    assert evaluation_metadata(unsplit, validation_images=0)["stopped_early_at"] is None

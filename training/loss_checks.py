@@ -38,3 +38,11 @@ def rounds_without_improvement(losses: Sequence[float], round_steps: int) -> int
     if not means:
         return 0
     return len(means) - 1 - int(np.argmin(means))
+
+
+def should_stop_early(evaluation_losses: Sequence[float], patience: int) -> bool:
+    """The seeds' "if the loss does not decrease in 10 rounds, stop", a round being one evaluation (checkpoint):
+    true once the best loss is `patience` or more evaluations old; never with patience 0 (off)."""
+    if patience < 0:
+        raise ValueError(f"patience must be at least 0, got {patience}")
+    return patience > 0 and rounds_without_improvement(evaluation_losses, 1) >= patience

@@ -8,11 +8,13 @@ seeded torch.Generator, so a seed gives the same vectors on CPU.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -29,6 +31,7 @@ from training.acceleration import (
     needs_loss_scaling,
 )
 from training.base_model import BaseModel
+from training.diffusion_objective import noise_scheduler, prediction_target
 from training.embedding_formats import (
     EmbeddingFile,
     load_webui_optim,
@@ -40,6 +43,7 @@ from training.embedding_formats import (
     webui_embedding_dict,
 )
 from training.latent_cache import LATENT_SAMPLING_METHODS, latent_distributions, sample_latents
+from training.loss_checks import should_stop_early
 from training.lr_schedule import parse_schedule
 from training.optimizers import OPTIMIZERS, WEBUI_OPTIMIZER_NAMES, make_optimizer
 from training.plots import plot_loss
@@ -56,12 +60,14 @@ from training.prompt_encoding import (
 )
 from training.templates import NAME_KEYWORD, load_template, render_prompt
 from training.training_state import STATE_FILE, TrainingState, load_state, save_state
+from training.validation import ValidationSet, build_validation_set, validation_loss
 
 # Prompt syntax the webui gives meaning to (emphasis, weights, tag separators) cannot be part of a name.
 _NAME_PATTERN = re.compile(r"[^\s,()\[\]{}:]+")
 CLIP_GRAD_MODES = ("disabled", "value", "norm")
 # How often the resumable state is saved when no checkpoint cadence is set: a crash loses at most this many steps.
 DEFAULT_STATE_EVERY = 50
+VALIDATION_CSV = "validation.csv"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -98,6 +104,7 @@ class TextualInversionSettings:
     compile: bool = False  # torch.compile the UNet
     mixed_precision: str = "no"  # no | fp16 (CUDA) | bf16
     previews: PreviewSettings = field(default_factory=PreviewSettings)
+    early_stopping_patience: int = 0  # stop after this many evaluations without a better loss (0: off)
 
     def __post_init__(self) -> None:
         if not _NAME_PATTERN.fullmatch(self.name):
@@ -110,6 +117,7 @@ class TextualInversionSettings:
             "clip_skip": (self.clip_skip, 1, None),
             "save_every": (self.save_every, 0, None),
             "keep_tokens": (self.keep_tokens, 0, None),
+            "early_stopping_patience": (self.early_stopping_patience, 0, None),
         }
         for key, (value, low, high) in limits.items():
             if value < low or (high is not None and value > high):
@@ -137,12 +145,26 @@ class TextualInversionSettings:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be at least 0, got {self.weight_decay}")
+        if self.early_stopping_patience and not self.save_every:
+            raise ValueError(
+                "early_stopping_patience needs save_embedding_every (save_every) above 0: the loss is evaluated "
+                "at each checkpoint, and without checkpoints there is only the final evaluation"
+            )
 
 
 @dataclass(frozen=True)
 class TrainingExample:
     image_path: Path  # a prepared square image (already at the training resolution)
     filewords: str  # the caption; substituted for [filewords]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One row of validation.csv, at a checkpoint or the final step."""
+
+    step: int
+    validation_loss: float  # NaN when there is no validation split
+    training_loss: float  # mean training loss over the steps since the previous evaluation
 
 
 @dataclass
@@ -154,6 +176,8 @@ class TrainingResult:
     resumed_from: int = 0  # the step a saved state was resumed at (0: a fresh run)
     images_encoded: int = 0  # images the VAE encoded (latent cache misses)
     continued_from: int = 0  # the step of the existing embedding this run continued (overwrite_old_embedding off)
+    validations: list[Evaluation] = field(default_factory=list)  # one per checkpoint and the final step
+    stopped_early_at: int | None = None  # the step early stopping ended the run at (None: it ran to the end)
 
 
 def caption_for_step(filewords: str, settings: TextualInversionSettings, generator: torch.Generator) -> str:
@@ -239,25 +263,6 @@ def check_prompts_fit(
             )
 
 
-# What the UNet learned to predict, by the scheduler's prediction_type: (scheduler, latents, noise, timesteps) -> target.
-_TARGETS: dict[str, Callable[[DDPMScheduler, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "epsilon": lambda scheduler, latents, noise, timesteps: noise,
-    "v_prediction": lambda scheduler, latents, noise, timesteps: scheduler.get_velocity(latents, noise, timesteps),
-    "sample": lambda scheduler, latents, noise, timesteps: latents,
-}
-
-
-def noise_scheduler(base: BaseModel) -> DDPMScheduler:
-    """The training noise schedule of the base model (SD's own config, read as DDPM)."""
-    scheduler = DDPMScheduler.from_config(base.scheduler_config)
-    if scheduler.config.prediction_type not in _TARGETS:
-        raise ValueError(
-            f"{base.source}: unsupported prediction_type {scheduler.config.prediction_type!r} "
-            f"(expected one of {', '.join(_TARGETS)})"
-        )
-    return scheduler
-
-
 @dataclass
 class _Trainer:
     """The state one training run threads through its steps."""
@@ -301,7 +306,7 @@ class _Trainer:
         timesteps = torch.randint(self.scheduler.config.num_train_timesteps, (len(indices),), generator=self.generator)
         timesteps = timesteps.to(latents.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        target = _TARGETS[self.scheduler.config.prediction_type](self.scheduler, latents, noise, timesteps)
+        target = prediction_target(self.scheduler, latents, noise, timesteps)
         prompts = self.prompts_for(indices)
         with autocast(self.base.device, self.compute_dtype):
             conditioning = encode_prompts(self.base.text_encoder, prompts, self.vectors, self.settings.clip_skip)
@@ -375,10 +380,10 @@ def run_key(
 ) -> str:
     """What makes two runs the same run: a saved state resumes only under the same key.
 
-    Checkpoint cadence, previews and the resume switch do not change the trained vectors, so they are left
-    out; the starting vectors are in, so a changed initialization file or continued embedding is a new run.
+    Checkpoint cadence, previews, early stopping and the resume switch do not change the trained vectors (up
+    to the step a run ends at), so they are left out; neither are the validation images; the starting vectors are in, so a changed initialization file or continued embedding is a new run.
     """
-    outputs_only = ("save_every", "resume", "save_image_with_stored_embedding", "previews")
+    outputs_only = ("save_every", "resume", "save_image_with_stored_embedding", "previews", "early_stopping_patience")
     defining = {key: value for key, value in vars(settings).items() if key not in outputs_only}
     images = [[str(example.image_path), file_sha256(example.image_path), example.filewords] for example in examples]
     return json_sha256({
@@ -511,10 +516,12 @@ class _Progress:
     losses: list[float] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)
     resumed_from: int = 0
+    evaluations: list[Evaluation] = field(default_factory=list)
 
 
 def _capture(
-    trainer: _Trainer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, progress: _Progress, key: str
+    trainer: _Trainer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, progress: _Progress, key: str,
+    validation_key: str,
 ) -> TrainingState:
     return TrainingState(
         run_key=key,
@@ -526,11 +533,14 @@ def _capture(
         sampler=trainer.batches.state_dict(),
         losses=progress.losses,
         rates=progress.rates,
+        evaluations=[[row.step, row.validation_loss, row.training_loss] for row in progress.evaluations],
+        validation_key=validation_key,
     )
 
 
 def _restore(
-    trainer: _Trainer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, state: TrainingState
+    trainer: _Trainer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, state: TrainingState,
+    validation_key: str, log: Callable[[str], None] | None = None,
 ) -> _Progress:
     with torch.no_grad():
         trainer.vectors.copy_(state.vectors.to(trainer.vectors.device))
@@ -539,7 +549,74 @@ def _restore(
         scaler.load_state_dict(state.scaler)
     trainer.generator.set_state(state.generator)
     trainer.batches.load_state_dict(state.sampler)
-    return _Progress(step=state.step, losses=list(state.losses), rates=list(state.rates), resumed_from=state.step)
+    evaluations = [Evaluation(int(step), float(validation), float(training))
+                   for step, validation, training in state.evaluations]
+    if evaluations and state.validation_key != validation_key:
+        evaluations = []  # measured on other validation images (or none): not comparable with the coming ones
+        if log is not None:
+            log("the validation images changed since the saved state: its earlier evaluation rows are dropped")
+    return _Progress(step=state.step, losses=list(state.losses), rates=list(state.rates), resumed_from=state.step,
+                     evaluations=evaluations)
+
+
+@dataclass
+class _Evaluator:
+    """The loss at each checkpoint and the final step: validation loss on the fixed held-out samples (when
+    there are validation images) beside the mean training loss since the previous evaluation."""
+
+    trainer: _Trainer
+    validation: ValidationSet | None
+    csv_path: Path
+
+    @property
+    def key(self) -> str:
+        return self.validation.key if self.validation is not None else ""
+
+    def evaluate(self, done: _Progress) -> Evaluation:
+        first = done.step - len(done.losses)  # the step before the first loss in the log
+        previous = max(done.evaluations[-1].step, first) if done.evaluations else first
+        recent = done.losses[previous - first :]
+        row = Evaluation(done.step, self._validation_loss(), float(sum(recent) / len(recent)))
+        done.evaluations.append(row)
+        if self.validation is not None:
+            write_validation_csv(self.csv_path, done.evaluations)
+        return row
+
+    def judged(self, rows: Sequence[Evaluation]) -> list[float]:
+        """The losses early stopping looks at: validation when there is a split, else the training rounds."""
+        return [row.validation_loss if self.validation is not None else row.training_loss for row in rows]
+
+    def _validation_loss(self) -> float:
+        if self.validation is None:
+            return math.nan
+        trainer, settings = self.trainer, self.trainer.settings
+
+        def encode(prompts: list[str]) -> torch.Tensor:
+            tokens = tokenize_with_placeholder(trainer.base.tokenizer, prompts, settings.name, settings.vectors_per_token)
+            return encode_prompts(trainer.base.text_encoder, tokens, trainer.vectors, settings.clip_skip)
+
+        return validation_loss(
+            self.validation, trainer.unet, encode, trainer.scheduler, device=trainer.base.device,
+            dtype=trainer.base.dtype, batch_size=settings.batch_size, compute_dtype=trainer.compute_dtype,
+            eval_modules=(trainer.base.text_encoder,),
+        )  # fmt: skip
+
+
+def _validation_set(
+    trainer: _Trainer, examples: Sequence[TrainingExample], latent_cache: Path | None
+) -> ValidationSet | None:
+    if not examples:
+        return None
+    check_prompts_fit(trainer.base, examples, trainer.lines, trainer.settings)
+    return build_validation_set(
+        trainer.base.vae, trainer.base.vae_scale_factor, examples, trainer.lines, trainer.settings.name,
+        trainer.scheduler.config.num_train_timesteps, latent_cache,
+    )  # fmt: skip
+
+
+def write_validation_csv(path: Path, rows: Sequence[Evaluation]) -> Path:
+    lines = [f"{row.step},{float(row.validation_loss)!r},{float(row.training_loss)!r}" for row in rows]
+    return write_text(path, "\n".join(["step,validation_loss,training_loss", *lines]) + "\n")
 
 
 def _continue_optimizer(
@@ -582,13 +659,17 @@ def train_textual_inversion(
     progress: Callable[[int, float], None] | None = None,
     latent_cache: Path | None = None,
     log: Callable[[str], None] | None = None,
+    validation_examples: Sequence[TrainingExample] = (),
 ) -> TrainingResult:
     """Train, writing `<name>.pt`, `learned_embeds.safetensors`, `loss.csv`, `loss.png` (and checkpoints) atomically.
 
-    Runs until the learning-rate schedule ends (max_steps, or earlier if the schedule says so, as in the webui).
-    The full state goes to `checkpoints/training_state.pt` with every checkpoint (every DEFAULT_STATE_EVERY
-    steps when save_every is 0); a later call for the same run continues from it unless `resume` is off.
-    Previews (every previews.every steps) go to `images/` and, carrying the embedding, `image_embeddings/`.
+    Runs until the learning-rate schedule ends (max_steps, or earlier if the schedule says so, as in the webui),
+    or until early stopping ends it at a checkpoint. The full state goes to `checkpoints/training_state.pt` with
+    every checkpoint (every DEFAULT_STATE_EVERY steps when save_every is 0); a later call for the same run
+    continues from it unless `resume` is off. Previews (every previews.every steps) go to `images/` and,
+    carrying the embedding, `image_embeddings/`. At each checkpoint and the final step the run is evaluated;
+    with `validation_examples` (held-out images, never trained on) that includes the validation loss, written
+    to `validation.csv`. Evaluating changes neither the vectors nor the random stream.
     """
     out_dir = Path(out_dir)
     schedule = parse_schedule(settings.learning_rate, settings.max_steps)
@@ -606,17 +687,21 @@ def train_textual_inversion(
         compile_unet=settings.compile,
     ) as unet:  # fmt: skip
         trainer = _start(base, examples, settings, latent_cache, start, unet)
+        evaluator = _Evaluator(trainer, _validation_set(trainer, validation_examples, latent_cache),
+                               out_dir / VALIDATION_CSV)
         optimizer = make_optimizer(settings.optimizer, [trainer.vectors], schedule.rate_at(1), settings.weight_decay)
         scaler = torch.amp.GradScaler(base.device.type, enabled=needs_loss_scaling(base.device, trainer.compute_dtype))
         key = run_key(base, examples, settings, start)
         state_path = out_dir / "checkpoints" / STATE_FILE
         saved = load_state(state_path, key) if settings.resume else None
         if saved is not None:
-            done = _restore(trainer, optimizer, scaler, saved)
+            done = _restore(trainer, optimizer, scaler, saved, evaluator.key, log)
         else:
             done = _Progress(step=first_step)
             if continued is not None:
                 _continue_optimizer(optimizer, continued, start, settings, log)
+        if not done.evaluations:
+            evaluator.csv_path.unlink(missing_ok=True)  # an earlier run's rows are not this run's
         state_every = settings.save_every or DEFAULT_STATE_EVERY
         clip_schedule = clip_limits(settings)
         previewer = None
@@ -625,6 +710,7 @@ def train_textual_inversion(
                 base, settings.previews, settings.name, settings.clip_skip, settings.save_image_with_stored_embedding
             )
         files = _run_files(settings, out_dir, done.resumed_from)
+        stopped_early_at = None
         with torch.enable_grad():
             for step in range(done.step + 1, schedule.end_step + 1):
                 rate = schedule.rate_at(step)
@@ -632,16 +718,23 @@ def train_textual_inversion(
                 done.step = step
                 done.losses.append(loss)
                 done.rates.append(rate)
-                if settings.save_every and step % settings.save_every == 0:
+                checkpoint = bool(settings.save_every) and step % settings.save_every == 0
+                if checkpoint:
                     _save_checkpoint(trainer, optimizer, step, out_dir, files)
+                if checkpoint or step == schedule.end_step:
+                    evaluator.evaluate(done)
                 if previewer is not None and step % settings.previews.every == 0:
                     files.update(previewer.save(trainer.vectors, trainer.last_prompt, step, out_dir))
-                if step % state_every == 0 and step < schedule.end_step:
-                    save_state(state_path, _capture(trainer, optimizer, scaler, done, key))
+                if checkpoint and step < schedule.end_step and _stops_early(evaluator, done, settings, log):
+                    stopped_early_at = step
+                elif step % state_every == 0 and step < schedule.end_step:
+                    save_state(state_path, _capture(trainer, optimizer, scaler, done, key, evaluator.key))
                 if progress is not None:
                     progress(step, loss)
+                if stopped_early_at is not None:
+                    break
     vectors = trainer.vectors.detach().to(device="cpu", dtype=torch.float32).clone()
-    steps = schedule.end_step
+    steps = done.step
     files["webui_pt"] = out_dir / f"{settings.name}.pt"
     files["diffusers"] = out_dir / "learned_embeds.safetensors"
     _save_embedding_pair(base, settings, vectors, steps, files["webui_pt"], files["diffusers"], optimizer)
@@ -651,8 +744,28 @@ def train_textual_inversion(
         files["png_embedding"] = _save_png_card(trainer, vectors, steps, out_dir / f"{settings.name}.png")
     files["loss_csv"] = write_loss_csv(out_dir / "loss.csv", done.losses, done.rates, steps - len(done.losses) + 1)
     files["loss_png"] = plot_loss(files["loss_csv"], out_dir / "loss.png", f"textual inversion: {settings.name}")
+    if evaluator.validation is not None:
+        files["validation_csv"] = evaluator.csv_path
     state_path.unlink(missing_ok=True)  # finished: the final embedding is the result, nothing to resume
     return TrainingResult(
-        vectors=vectors, steps=steps, losses=done.losses, files=files,
-        resumed_from=done.resumed_from, images_encoded=trainer.encoded, continued_from=first_step,
+        vectors=vectors, steps=steps, losses=done.losses, files=files, resumed_from=done.resumed_from,
+        images_encoded=trainer.encoded + (evaluator.validation.encoded if evaluator.validation else 0),
+        continued_from=first_step, validations=list(done.evaluations), stopped_early_at=stopped_early_at,
     )  # fmt: skip
+
+
+def _stops_early(
+    evaluator: _Evaluator, done: _Progress, settings: TextualInversionSettings, log: Callable[[str], None] | None
+) -> bool:
+    losses = evaluator.judged(done.evaluations)
+    if not should_stop_early(losses, settings.early_stopping_patience):
+        return False
+    best = done.evaluations[int(np.argmin(losses))]
+    what = "validation" if evaluator.validation is not None else "training (no validation split; mean per round)"
+    if log is not None:
+        log(
+            f"stopping early at step {done.step}: the {what} loss has not improved for "
+            f"{settings.early_stopping_patience} evaluations (early_stopping_patience); the best was "
+            f"{min(losses):.5f} at step {best.step}, whose checkpoint is kept"
+        )
+    return True

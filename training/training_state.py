@@ -3,12 +3,14 @@
 Why everything and not just the vectors: resuming from the vectors alone restarts AdamW's moments, the
 batch order and every random draw, so the resumed run is a different run. With the optimizer, gradient
 scaler, sampler position, generator state, step and loss log restored, a run killed at step k and
-resumed ends with the same bytes as one that was never interrupted (on CPU).
+resumed ends with the same bytes as one that was never interrupted (on CPU). The evaluation rows (validation
+and training loss at each checkpoint) travel with it, so a resumed run's validation.csv and early stopping
+see the whole run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ import torch
 from common.atomic import atomic_path
 
 STATE_FILE = "training_state.pt"
-_FORMAT = 1
+_FORMAT = 2
+_FORMATS_READ = (1, 2)  # format 1 had no evaluation rows: it resumes with none
 
 
 @dataclass
@@ -31,6 +34,8 @@ class TrainingState:
     sampler: dict[str, Any]  # EpochSampler.state_dict()
     losses: list[float]
     rates: list[float]
+    evaluations: list[list[float]] = field(default_factory=list)  # [step, validation_loss, training_loss] rows
+    validation_key: str = ""  # the validation set the rows were measured on ("" when there was none)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +49,8 @@ class TrainingState:
             "sampler": self.sampler,
             "losses": list(self.losses),
             "rates": list(self.rates),
+            "evaluations": [list(row) for row in self.evaluations],
+            "validation_key": self.validation_key,
         }
 
 
@@ -66,11 +73,11 @@ def load_state(path: Path, run_key: str) -> TrainingState | None:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for a damaged file
         raise ValueError(f"{path}: cannot read the training state ({error}); delete it to start over") from error
-    if not isinstance(raw, dict) or raw.get("format") != _FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") not in _FORMATS_READ:
         raise ValueError(f"{path}: not a training state of format {_FORMAT}; delete it to start over")
     if raw["run_key"] != run_key:
         return None
-    fields = {key: raw[key] for key in TrainingState.__dataclass_fields__}
+    fields = {key: raw[key] for key in TrainingState.__dataclass_fields__ if key in raw}
     if not torch.isfinite(fields["vectors"]).all():
         raise ValueError(f"{path}: the saved vectors are not finite; delete it to start over")
     return TrainingState(**fields)
