@@ -29,7 +29,8 @@ from common.atomic import write_parquet, write_text
 from common.hashing import file_sha256
 from resources import ProjectPaths, TorchDevice
 from resources.paths import resolve
-from training.checkpoint_selection import best_row, evaluations_without_improvement, interval_means, overfitting_run
+from training.checkpoint_selection import best_row, interval_means, overfitting_run
+from training.loss_checks import rounds_without_improvement
 from training.plots import plot_metrics
 from training.templates import NAME_KEYWORD
 
@@ -108,7 +109,7 @@ def metric_checks(frame: pd.DataFrame, settings: EvaluationSettings) -> list[Ass
     finite = not np.isinf(numbers.to_numpy(dtype=float)).any() and not numbers["training_loss"].isna().any()
     has_validation = frame["validation_loss"].notna().any()
     watched = frame["validation_loss"] if has_validation else frame["training_loss"]
-    stalled = evaluations_without_improvement(watched.tolist())
+    stalled = rounds_without_improvement(watched.dropna().tolist(), 1)  # a round = one checkpoint
     rising = overfitting_run(frame["training_loss"].tolist(), frame["validation_loss"].tolist()) if has_validation else 0
     best = frame.loc[frame["best"]].iloc[0]
     return [

@@ -31,14 +31,6 @@ def interval_means(loss_csv: Path, steps: Sequence[int]) -> list[float]:
     return means
 
 
-def evaluations_without_improvement(values: Sequence[float]) -> int:
-    """Evaluations since the lowest value (0: the last one is the best); NaN values never count as best."""
-    array = np.asarray(values, dtype=float)
-    if not np.isfinite(array).any():
-        return 0
-    return len(array) - 1 - int(np.nanargmin(np.where(np.isfinite(array), array, np.nan)))
-
-
 def overfitting_run(training: Sequence[float], validation: Sequence[float]) -> int:
     """How many of the latest consecutive evaluations had the validation loss rise while the training loss fell."""
     run = 0

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from training.checkpoint_selection import best_row, evaluations_without_improvement, interval_means, overfitting_run
+from training.checkpoint_selection import best_row, interval_means, overfitting_run
 from training.plots import plot_metrics
 
 
@@ -17,10 +17,7 @@ def test_interval_means_average_the_steps_since_the_previous_checkpoint(tmp_path
     assert math.isnan(interval_means(csv, [2, 2])[1])
 
 
-def test_improvement_and_overfitting_runs() -> None:
-    assert evaluations_without_improvement([0.5, 0.3, 0.4, 0.45]) == 2
-    assert evaluations_without_improvement([0.5, 0.3, 0.2]) == 0
-    assert evaluations_without_improvement([float("nan"), 0.4, float("nan")]) == 1
+def test_overfitting_runs() -> None:
     training = [0.5, 0.4, 0.3, 0.2]
     assert overfitting_run(training, [0.6, 0.5, 0.55, 0.6]) == 2
     assert overfitting_run(training, [0.6, 0.7, 0.5, 0.6]) == 1  # only the latest consecutive rise counts
