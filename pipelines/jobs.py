@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dagster import AssetSelection, define_asset_job
 
-from assets import evaluation_grid, observed_assets, prepared_images, tag_scores, tag_table, textual_inversion
+from assets import evaluation_grid, evaluation_report, observed_assets, prepared_images, tag_scores, tag_table, textual_inversion
 from assets.partitions import datasets_partitions
 from pipelines.run_tags import run_tags_for
 
@@ -29,10 +29,10 @@ retag_job = define_asset_job(
 )
 train_job = define_asset_job(
     "train",
-    selection=[textual_inversion, evaluation_grid],
+    selection=[textual_inversion, evaluation_grid, evaluation_report],
     partitions_def=datasets_partitions,
-    tags=run_tags_for(["textual_inversion", "evaluation_grid"]),
-    description="Train the textual-inversion embedding and render its evaluation grid.",
+    tags=run_tags_for(["textual_inversion", "evaluation_grid", "evaluation_report"]),
+    description="Train the textual-inversion embedding, render its evaluation grid and write the HTML report.",
 )
 
 all_jobs = [observe_job, prepare_job, retag_job, train_job]

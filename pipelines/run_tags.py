@@ -19,6 +19,7 @@ STAGE_OF_ASSET = {
     "tag_table": "captions",
     "textual_inversion": "train",
     "evaluation_grid": "evaluation",
+    "evaluation_report": "evaluation",
 }
 METHOD_OF_ASSET = {"textual_inversion": "textual_inversion", "evaluation_grid": "textual_inversion"}
 
