@@ -128,14 +128,14 @@ class _Context:
     # ----- inputs -----
 
     def _why(self, section: str, default: str) -> str:
-        return self.inputs.missing.get(section) or default
+        hint = self.inputs.missing.get(section)
+        return f"{default} ({hint})" if hint else default
 
     def _existing(self, section: str, path: Path | None, what: str) -> Path:
         if path is None:
             raise _Unavailable(self._why(section, f"no {what} was given"))
         if not Path(path).is_file():
-            hint = self.inputs.missing.get(section)
-            raise _Unavailable(f"{self._rel(path)} does not exist" + (f" ({hint})" if hint else ""))
+            raise _Unavailable(self._why(section, f"{self._rel(path)} does not exist"))
         return Path(path)
 
     def _table(self, section: str, path: Path | None, what: str) -> pd.DataFrame:
