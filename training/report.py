@@ -401,7 +401,7 @@ table.data th, table.data td { padding: 0.2em 0.6em; border-bottom: 1px solid #d
 table.metrics tr.best { background: #fff3b0; font-weight: bold; }
 .best-summary { font-size: 1.1em; }
 table.tags { border-collapse: collapse; width: 100%; max-width: 900px; font-size: 0.9em; }
-table.tags td { padding: 0.1em 0.5em; }
+table.tags td, table.tags th { padding: 0.1em 0.5em; text-align: left; }
 table.tags td.tag { white-space: nowrap; }
 table.tags td.count { text-align: right; white-space: nowrap; }
 table.tags td.bar-cell { width: 60%; }
