@@ -15,6 +15,7 @@ in its section, never an exception, because a report is most useful exactly when
 from __future__ import annotations
 
 import html
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -215,7 +216,10 @@ class _Context:
                 raise _Unavailable("the validation table has no rows")
         except _Unavailable as why:
             return _not_available(f"validation loss: {why}")
-        frame = frame[list(VALIDATION_COLUMNS)].sort_values("step", kind="stable").reset_index(drop=True)
+        frame = frame[list(VALIDATION_COLUMNS)].apply(pd.to_numeric, errors="coerce").dropna(subset=["step"])
+        if frame.empty:
+            return _not_available("validation loss: the validation table has no numeric steps")
+        frame = frame.sort_values("step", kind="stable").reset_index(drop=True)
         return ("<h4>Validation loss (held-out images) and training loss per evaluation</h4>\n"
                 + _line_chart(frame, "step", ["validation_loss", "training_loss"]) + "\n"
                 + _table_html(frame, "validation"))
@@ -239,7 +243,8 @@ class _Context:
     def settings(self) -> str:
         if self.inputs.settings is None:
             raise _Unavailable(self._why("settings", "the dataset's settings could not be read"))
-        text = yaml.safe_dump(dict(self.inputs.settings), sort_keys=False, allow_unicode=True, width=100)
+        plain = json.loads(json.dumps(dict(self.inputs.settings), default=str))  # tuples, paths: YAML-safe types
+        text = yaml.safe_dump(plain, sort_keys=False, allow_unicode=True, width=100)
         return f"<pre>{_e(text)}</pre>"
 
     def tags(self) -> str:

@@ -117,3 +117,8 @@ def test_missing_inputs_say_not_available_instead_of_failing(tmp_path: Path) -> 
     assert "not available: validation loss: ../textual_inversion/validation.csv does not exist" in report.html
     assert "not available: cannot read ../evaluation_grid/pip_grid.png" in report.html
     assert report.available["skipped"] and report.available["settings"]
+
+    inputs.validation["textual_inversion"].write_text("step,validation_loss,training_loss\nlate,high,low\n")
+    report = render_report(replace(inputs, settings={"evaluation": {"seeds": (1, 2)}}), tmp_path)
+    assert "not available: validation loss: the validation table has no numeric steps" in report.html
+    assert "seeds:\n  - 1\n  - 2" in report.html
