@@ -87,6 +87,7 @@ def report_inputs(paths: ProjectPaths, dataset: str, base_model: str) -> ReportI
         loss_curves={method: folder / "loss.png" for method, folder in runs.items()},
         validation={method: validation_table(folder) for method, folder in runs.items()},
         metrics=metrics_path(paths, dataset),
+        metrics_chart=metrics_path(paths, dataset).with_name("metrics.png"),
         settings=settings,
         tag_frequency=frequency_path(paths, dataset),
         manifest=manifest_path(paths, dataset),

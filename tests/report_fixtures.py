@@ -63,6 +63,7 @@ def report_inputs(root: Path, *, dataset: str = "demo") -> ReportInputs:
         loss_curves={"textual_inversion": loss},
         validation={"textual_inversion": validation},
         metrics=metrics,
+        metrics_chart=_picture(root / "evaluation_metrics" / "metrics.png", (120, 80), (40, 160, 40)),
         settings={"captions": {"general_threshold": 0.35, "exclude_tags": [HOSTILE_TAG]},
                   "evaluation": {"prompts": ["a photo of [name] <i>"], "seeds": [1, 2]}},
         tag_frequency=tables / "tag_frequency.parquet",

@@ -62,6 +62,7 @@ class ReportInputs:
     loss_curves: Mapping[str, Path] = field(default_factory=dict)
     validation: Mapping[str, Path] = field(default_factory=dict)
     metrics: Path | None = None
+    metrics_chart: Path | None = None
     settings: Mapping[str, object] | None = None
     tag_frequency: Path | None = None
     manifest: Path | None = None
@@ -237,8 +238,10 @@ class _Context:
             self.best = "; ".join(_describe(row) for row in chosen)
             summary = f'<p class="best-summary">Best checkpoint: <strong>{_e(self.best)}</strong></p>\n'
         shown = frame.assign(best=["best" if is_best else "" for is_best in best]) if "best" in frame else frame
-        table = _table_html(shown, "metrics")
-        return summary + _mark_rows(table, best, 'class="best" data-best="true"')
+        table = _mark_rows(_table_html(shown, "metrics"), best, 'class="best" data-best="true"')
+        chart = self.inputs.metrics_chart
+        figure = self._figure(Path(chart), "metrics per checkpoint", LOSS_MAX_SIDE) if chart and Path(chart).is_file() else ""
+        return summary + table + ("\n" + figure if figure else "")
 
     def settings(self) -> str:
         if self.inputs.settings is None:

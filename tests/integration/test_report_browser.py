@@ -57,7 +57,7 @@ def test_the_report_renders_from_a_file_with_its_images_and_nothing_fetched(tmp_
         finally:
             browser.close()
 
-    assert [alt for *_, alt in images] == ["pip_grid", "training loss: textual_inversion"]
+    assert [alt for *_, alt in images] == ["pip_grid", "training loss: textual_inversion", "metrics per checkpoint"]
     assert all(complete and width > 0 and height > 0 for complete, width, height, _ in images), images
     assert steps == list(METRIC_STEPS)
     assert best_rows == 1

@@ -84,7 +84,7 @@ def test_the_page_is_self_contained_and_images_are_inlined_small(tmp_path: Path)
     page = render_report(inputs, tmp_path / "evaluation_report").html
     assert not re.search(r"https?://|<link|<script|@import|url\(", page)
     sources = re.findall(r'<img src="([^"]+)"', page)
-    assert len(sources) == 3
+    assert len(sources) == 4  # two grids, the loss curve, the metrics chart
     sides = []
     for source in sources:
         header, _, payload = source.partition(",")
