@@ -12,8 +12,11 @@ from PIL import Image
 def thumbnail_data_url(image: Image.Image | Path, *, max_side: int = 512, max_png_bytes: int | None = None) -> str:
     """A `data:` URL of `image` scaled to fit `max_side`: PNG (crisp labels), or JPEG when the PNG would
     exceed `max_png_bytes` (photographic grids). The same pixels always give the same bytes."""
-    picture = Image.open(image) if isinstance(image, Path) else image
-    picture = picture.convert("RGB")
+    if isinstance(image, Path):
+        with Image.open(image) as opened:  # closed at once: a report reads many files
+            picture = opened.convert("RGB")
+    else:
+        picture = image.convert("RGB")
     picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG", optimize=True)
