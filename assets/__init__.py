@@ -2,13 +2,16 @@
 
 from assets.evaluation_grid import evaluation_grid
 from assets.evaluation_metrics import evaluation_metrics
+from assets.evaluation_report import evaluation_report
 from assets.observations import observed_assets, raw_images, settings_assets
 from assets.prepared_images import prepared_images
 from assets.tag_scores import tag_scores
 from assets.tag_table import tag_table
 from assets.textual_inversion import textual_inversion
 
-computed_assets = [prepared_images, tag_scores, tag_table, textual_inversion, evaluation_grid, evaluation_metrics]
+computed_assets = [
+    prepared_images, tag_scores, tag_table, textual_inversion, evaluation_grid, evaluation_metrics, evaluation_report,
+]
 all_assets = [*observed_assets, *computed_assets]
 
 __all__ = [
@@ -16,6 +19,7 @@ __all__ = [
     "computed_assets",
     "evaluation_grid",
     "evaluation_metrics",
+    "evaluation_report",
     "observed_assets",
     "prepared_images",
     "raw_images",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -12,6 +10,7 @@ from dagster import Failure, MetadataValue
 from PIL import Image
 
 from assets.dataset_settings import DatasetSettings, SettingsError, load_dataset_settings
+from common.images import thumbnail_data_url
 from resources import ProjectPaths
 
 ITEM_STATUSES = ("processed", "reused", "skipped")
@@ -37,13 +36,7 @@ def require_file(path: Path, producer: str) -> Path:
 
 def image_md(image: Image.Image | Path, *, max_side: int = 512, caption: str = "") -> MetadataValue:
     """An image inlined as a PNG data URL, scaled down so the event log stays light."""
-    picture = Image.open(image) if isinstance(image, Path) else image
-    picture = picture.convert("RGB")
-    picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", optimize=True)
-    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return MetadataValue.md(f"![{caption}](data:image/png;base64,{encoded})")
+    return MetadataValue.md(f"![{caption}]({thumbnail_data_url(image, max_side=max_side)})")
 
 
 def status_counts(statuses: Iterable[str]) -> dict[str, int]:

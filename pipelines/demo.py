@@ -10,6 +10,7 @@ import sys
 
 from dagster import DagsterInstance
 
+from assets.evaluation_report import report_path
 from assets.partitions import datasets_partitions
 from embedded import build_missing
 from pipelines.definitions import defs
@@ -41,6 +42,8 @@ def main() -> int:
     for kind in ("webui_pt", "diffusers"):
         print(f"  {kind:10s} {run['files'][kind]}")
     print(f"evaluation grid:\n  {grids[0] if grids else '(missing)'}")
+    report = report_path(paths, DATASET)
+    print(f"evaluation report (open in a browser):\n  {report.as_uri() if report.is_file() else '(missing)'}")
     print("\nsee them in the UI: make ui, then open http://127.0.0.1:3000")
     return 0
 

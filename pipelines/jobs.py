@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from dagster import AssetSelection, define_asset_job
 
-from assets import evaluation_grid, evaluation_metrics, observed_assets, prepared_images, tag_scores, tag_table, textual_inversion
+from assets import (
+    evaluation_grid,
+    evaluation_metrics,
+    evaluation_report,
+    observed_assets,
+    prepared_images,
+    tag_scores,
+    tag_table,
+    textual_inversion,
+)
 from assets.partitions import datasets_partitions
 from pipelines.run_tags import run_tags_for
 
@@ -29,10 +38,11 @@ retag_job = define_asset_job(
 )
 train_job = define_asset_job(
     "train",
-    selection=[textual_inversion, evaluation_grid, evaluation_metrics],
+    selection=[textual_inversion, evaluation_grid, evaluation_metrics, evaluation_report],
     partitions_def=datasets_partitions,
-    tags=run_tags_for(["textual_inversion", "evaluation_grid", "evaluation_metrics"]),
-    description="Train the textual-inversion embedding, render its evaluation grid and score its checkpoints.",
+    tags=run_tags_for(["textual_inversion", "evaluation_grid", "evaluation_metrics", "evaluation_report"]),
+    description="Train the textual-inversion embedding, render its evaluation grid, score its checkpoints and "
+    "write the HTML report.",
 )
 
 all_jobs = [observe_job, prepare_job, retag_job, train_job]

@@ -20,6 +20,7 @@ STAGE_OF_ASSET = {
     "textual_inversion": "train",
     "evaluation_grid": "evaluation",
     "evaluation_metrics": "evaluation",
+    "evaluation_report": "evaluation",
 }
 METHOD_OF_ASSET = {
     "textual_inversion": "textual_inversion", "evaluation_grid": "textual_inversion", "evaluation_metrics": "textual_inversion",

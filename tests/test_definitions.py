@@ -35,6 +35,9 @@ def test_graph_shape():
     assert parents["textual_inversion"] == ["prepared_images", "tag_table", "training_settings"]
     assert parents["evaluation_grid"] == ["evaluation_settings", "textual_inversion"]
     assert parents["evaluation_metrics"] == ["evaluation_grid", "evaluation_settings", "textual_inversion"]
+    assert parents["evaluation_report"] == ["evaluation_grid", "evaluation_metrics", "prepared_images", "tag_table"]
+    pools = {key.to_user_string(): graph.get(key).pools for key in graph.get_all_asset_keys()}
     for name in ("tag_scores", "textual_inversion", "evaluation_grid", "evaluation_metrics"):
-        assert graph.get(next(k for k in graph.get_all_asset_keys() if k.to_user_string() == name)).pools == {"gpu"}
+        assert pools[name] == {"gpu"}
+    assert not pools["evaluation_report"]  # it loads no model
     assert {job.name for job in defs.jobs} >= {"prepare", "retag", "train"}

@@ -56,7 +56,7 @@ def materialize_only(defs, instance: DagsterInstance, *keys: str) -> None:
 
 
 def requested(result) -> dict[str, set[str]]:
-    keys = ["prepared_images", "tag_scores", "tag_table", "textual_inversion", "evaluation_grid"]
+    keys = ["prepared_images", "tag_scores", "tag_table", "textual_inversion", "evaluation_grid", "evaluation_report"]
     found = {key: result.get_requested_partitions(AssetKey(key)) for key in keys}
     return {key: partitions for key, partitions in found.items() if partitions}
 
@@ -113,6 +113,8 @@ def test_full_graph_outputs_are_valid_and_loadable(demo_run):
     assert run_file["stopped_early_at"] is None
     grid = next((data / "evaluation_grid").glob("*grid*.png"))
     assert grid.stat().st_size > 0
+    report = (data / "evaluation_report" / "report.html").read_text(encoding="utf-8")
+    assert f'href="../evaluation_grid/{grid.name}"' in report and 'href="../textual_inversion/loss.png"' in report
 
     # Both files load into a diffusers pipeline built from the same tiny model, and the token matters.
     base_dir = defs.resources["base_model"].resolved()
@@ -137,6 +139,7 @@ def test_full_graph_outputs_are_valid_and_loadable(demo_run):
         "tag_table": ["processed", "dagster/row_count", "preview"],
         "textual_inversion": ["loss_curve", "steps", "validation_images", "validation_loss", "stopped_early_at"],
         "evaluation_grid": ["grid"],
+        "evaluation_report": ["report_path", "report_url", "sections"],
     }.items():
         event = instance.get_latest_materialization_event(AssetKey(key))
         assert set(expected) <= set(event.asset_materialization.metadata), key
@@ -190,7 +193,10 @@ def test_settings_edits_request_only_the_stages_that_read_them(materialized):
 
     # The new captions made training unsynced; it waits for the night, then runs with its evaluation.
     night = _next_2am(next(clock))
-    assert tick(night) == {"textual_inversion": {DATASET}, "evaluation_grid": {DATASET}, "evaluation_metrics": {DATASET}}
+    assert tick(night) == {
+        "textual_inversion": {DATASET}, "evaluation_grid": {DATASET}, "evaluation_metrics": {DATASET},
+        "evaluation_report": {DATASET},
+    }
     run_job(defs, instance, "train")
     assert tick(night + timedelta(hours=1)) == {}
     assert tick(night + timedelta(days=1)) == {}

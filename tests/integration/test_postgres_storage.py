@@ -14,7 +14,8 @@ from tests.integration.project import instance_home
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-COMPUTED = {"prepared_images", "tag_scores", "tag_table", "textual_inversion", "evaluation_grid", "evaluation_metrics"}
+COMPUTED = {"prepared_images", "tag_scores", "tag_table", "textual_inversion", "evaluation_grid", "evaluation_metrics",
+            "evaluation_report"}
 
 
 def test_demo_graph_runs_and_event_logs_are_in_postgres(postgres, tmp_path, embedded_root, monkeypatch):

@@ -4,29 +4,19 @@ asset graph and see the evaluation grid image in the asset's metadata. Screensho
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.integration.browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, sync_playwright_api
 from tests.integration.conftest import DATASET
-from tests.integration.project import PROJECT
 from tests.integration.server import DagsterDev, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
-ARTIFACTS = PROJECT / "test-artifacts"
-
 
 def test_materialize_the_demo_partition_from_the_ui(dagster_dev: DagsterDev) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-integration.txt")
-    assert CHROMIUM.exists(), "Chromium missing: run .ci/install-system-packages (make test does)"
+    sync_api = sync_playwright_api()
     server = dagster_dev
-    ARTIFACTS.mkdir(exist_ok=True)
     wait_for("the demo partition", lambda: DATASET in server.partitions(), ceiling=300)
 
     with sync_api.sync_playwright() as playwright:
