@@ -1,5 +1,6 @@
 """The asset graph, one module per stage: raw inputs -> prepared images -> tags -> captions -> training -> evaluation."""
 
+from assets.aesthetic_embedding import aesthetic_embedding
 from assets.evaluation_grid import evaluation_grid
 from assets.observations import observed_assets, raw_images, settings_assets
 from assets.prepared_images import prepared_images
@@ -7,10 +8,11 @@ from assets.tag_scores import tag_scores
 from assets.tag_table import tag_table
 from assets.textual_inversion import textual_inversion
 
-computed_assets = [prepared_images, tag_scores, tag_table, textual_inversion, evaluation_grid]
+computed_assets = [prepared_images, tag_scores, tag_table, textual_inversion, evaluation_grid, aesthetic_embedding]
 all_assets = [*observed_assets, *computed_assets]
 
 __all__ = [
+    "aesthetic_embedding",
     "all_assets",
     "computed_assets",
     "evaluation_grid",

@@ -188,6 +188,23 @@ class EvaluationSettings(_Section):
     steps: int = Field(20, ge=1, le=500)
     cfg_scale: float = Field(7.0, ge=0)
     sampler: Literal["ddim", "dpm", "euler", "euler_a", "pndm"] = "dpm"
+    clip_model: str = Field("", description="a local CLIP folder (openai/clip-vit-large-patch14 layout) for the "
+                            "image-image and prompt-image CLIP scores; relative to the project root; empty: no scores")
+
+
+class AestheticSettings(_Section):
+    """The aesthetic-gradients extension: creation (clip_model, batch_size) and its generation options."""
+
+    clip_model: str = Field("", description="a local CLIP folder whose text tower is the base model's text encoder "
+                            "(SD 1.x: ViT-L/14); relative to the project root; empty: no aesthetic embedding")
+    batch_size: int = Field(8, ge=1, le=1024, description="images per CLIP call while averaging")
+    aesthetic_weight: float = Field(0.9, ge=0, le=1, description="extension: blend of the optimised conditioning")
+    aesthetic_steps: int = Field(5, ge=0, le=50, description="extension: optimisation steps of the text encoder copy")
+    aesthetic_lr: float = Field(0.0001, ge=0, description="extension: learning rate of those steps")
+    aesthetic_slerp: bool = Field(False, description="extension: slerp instead of linear blending")
+    aesthetic_imgs_text: str = Field("", description="extension: text that rotates the image embedding")
+    aesthetic_slerp_angle: float = Field(0.1, ge=0, le=1, description="extension: how far towards that text")
+    aesthetic_text_negative: bool = Field(False, description="extension: rotate away from the text instead")
 
 
 class DatasetSettings(_Section):
@@ -196,6 +213,7 @@ class DatasetSettings(_Section):
     captions: CaptionSettings = CaptionSettings()
     training: TrainingSettings = TrainingSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    aesthetic: AestheticSettings = AestheticSettings()
 
 
 SECTIONS: tuple[str, ...] = tuple(DatasetSettings.model_fields)

@@ -129,6 +129,49 @@ def check_fits(text_encoder: CLIPTextModel, projection: torch.nn.Linear, embeddi
                          f"{projection.out_features}: it was made with another CLIP model")
 
 
+def aesthetic_target(
+    encoder: CLIPTextModel, tokenizer: CLIPTokenizer, projection: torch.nn.Linear, embedding: torch.Tensor,
+    options: AestheticOptions,
+) -> torch.Tensor:
+    """The direction the prompt is pulled towards: the unit image embedding, or its slerp towards (or, with
+    aesthetic_text_negative, away from) the features of aesthetic_imgs_text, as the extension computes it."""
+    target = embedding.to(device=encoder.device, dtype=torch.float32)
+    if not options.aesthetic_imgs_text:
+        return target
+    with torch.no_grad():
+        text_ids = tokenizer([options.aesthetic_imgs_text], padding=True, truncation=True, return_tensors="pt")
+        text = _text_features(encoder, projection, text_ids.input_ids.to(encoder.device)).float()
+        if options.aesthetic_text_negative:
+            text = normalized(target - text)
+        return slerp(target, text, options.aesthetic_slerp_angle)
+
+
+def optimised_text_encoder(
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    projection: torch.nn.Linear,
+    embedding: torch.Tensor,
+    input_ids: torch.Tensor,
+    options: AestheticOptions,
+) -> CLIPTextModel:
+    """A float32 copy of `text_encoder` after `aesthetic_steps` Adam steps that raise the cosine between the
+    prompts' projected text features and the aesthetic target; the original and `projection` stay untouched."""
+    check_fits(text_encoder, projection, embedding)
+    encoder = copy.deepcopy(text_encoder).float().requires_grad_(True)
+    head = copy.deepcopy(projection).float().requires_grad_(False)
+    target = aesthetic_target(encoder, tokenizer, head, embedding, options)
+    tokens = input_ids.to(encoder.device)
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=options.aesthetic_lr)
+    with torch.enable_grad():
+        for _ in range(options.aesthetic_steps):
+            features = normalized(_text_features(encoder, head, tokens))
+            loss = -(features @ target.T).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return encoder.requires_grad_(False)
+
+
 def aesthetic_conditioning(
     text_encoder: CLIPTextModel,
     tokenizer: CLIPTokenizer,
@@ -143,38 +186,18 @@ def aesthetic_conditioning(
     """`conditioning` (batch, 77, width) moved towards the aesthetic `embedding` (unit (1, d)) as the extension does.
 
     `input_ids` (batch, 77) are the tokens that produced `conditioning` (BOS, prompt, EOS, padding). Returns
-    a new tensor of the conditioning's dtype and device; `text_encoder`, `projection` and the inputs are left
-    untouched (the optimisation runs on a float32 copy of the encoder, with its own gradients).
+    a new tensor of the conditioning's dtype and device (the conditioning itself when the options are
+    inactive); the text encoder, the projection and the inputs are left untouched.
     """
     if not options.active:
         return conditioning
     check_clip_skip(text_encoder, clip_skip)
-    check_fits(text_encoder, projection, embedding)
     if input_ids.shape != conditioning.shape[:2]:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} do not match the conditioning {tuple(conditioning.shape)}")
-    device = text_encoder.device
-    encoder = copy.deepcopy(text_encoder).float().requires_grad_(True)
-    head = copy.deepcopy(projection).float().requires_grad_(False)
-    tokens = input_ids.to(device)
-    target = embedding.to(device=device, dtype=torch.float32)
-    if options.aesthetic_imgs_text:
-        with torch.no_grad():
-            text_ids = tokenizer([options.aesthetic_imgs_text], padding=True, truncation=True, return_tensors="pt")
-            text = _text_features(encoder, head, text_ids.input_ids.to(device))
-            if options.aesthetic_text_negative:
-                text = normalized(target - text)
-            target = slerp(target, text, options.aesthetic_slerp_angle)
-    optimizer = torch.optim.Adam(encoder.parameters(), lr=options.aesthetic_lr)
-    with torch.enable_grad():
-        for _ in range(options.aesthetic_steps):
-            features = normalized(_text_features(encoder, head, tokens))
-            loss = -(features @ target.T).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    encoder = optimised_text_encoder(text_encoder, tokenizer, projection, embedding, input_ids, options)
     with torch.no_grad():
-        moved = encode_input_ids(encoder, tokens, clip_skip).to(conditioning.device, conditioning.dtype)
-    del encoder, optimizer
+        moved = encode_input_ids(encoder, input_ids, clip_skip).to(conditioning.device, conditioning.dtype)
+    del encoder
     if options.aesthetic_slerp:
         return slerp(conditioning, moved, options.aesthetic_weight)
     return conditioning * (1 - options.aesthetic_weight) + moved * options.aesthetic_weight
