@@ -108,31 +108,29 @@ class ClipScorer:
         return values.to(self.device, self.model.dtype)
 
     @torch.no_grad()
+    def _batched(self, items: Sequence, what: str, features) -> torch.Tensor:
+        """`features(batch)` over batch_size slices of `items`, as one float32 CPU tensor."""
+        if not items:
+            raise ValueError(f"no {what} to embed")
+        return torch.cat([features(items[start:start + self.batch_size]).pooler_output.float().cpu()
+                          for start in range(0, len(items), self.batch_size)])
+
     def raw_image_features(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """(n, projection_dim) float32 CPU: CLIP's projected image features, not normalised, in batches."""
-        if not images:
-            raise ValueError("no images to embed")
-        chunks = []
-        for start in range(0, len(images), self.batch_size):
-            pixel_values = self.pixels(images[start:start + self.batch_size])
-            chunks.append(self.model.get_image_features(pixel_values=pixel_values).pooler_output.float().cpu())
-        return torch.cat(chunks)
+        return self._batched(images, "images", lambda batch: self.model.get_image_features(pixel_values=self.pixels(batch)))
 
     def image_embeddings(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """(n, projection_dim) float32 CPU, each row of unit length."""
         return normalized(self.raw_image_features(images))
 
-    @torch.no_grad()
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
         """(n, projection_dim) float32 CPU, unit rows; texts past CLIP's 77 tokens are cut as CLIP cuts them."""
-        if not texts:
-            raise ValueError("no texts to embed")
-        chunks = []
-        for start in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
-                                    return_tensors="pt").to(self.device)
-            chunks.append(self.model.get_text_features(**tokens).pooler_output.float().cpu())
-        return normalized(torch.cat(chunks))
+
+        def features(batch: Sequence[str]):
+            tokens = self.tokenizer(list(batch), padding=True, truncation=True, return_tensors="pt")
+            return self.model.get_text_features(**tokens.to(self.device))
+
+        return normalized(self._batched(texts, "texts", features))
 
     def image_similarity(self, generated: Sequence[ImageInput], references: Sequence[ImageInput]) -> torch.Tensor:
         """(len(generated),): each generated image's cosine to the mean of the references' unit embeddings.
