@@ -34,6 +34,7 @@ def test_graph_shape():
     assert parents["tag_table"] == ["captions_settings", "tag_scores"]
     assert parents["textual_inversion"] == ["prepared_images", "tag_table", "training_settings"]
     assert parents["evaluation_grid"] == ["evaluation_settings", "textual_inversion"]
-    for name in ("tag_scores", "textual_inversion", "evaluation_grid"):
+    assert parents["aesthetic_embedding"] == ["aesthetic_settings", "prepared_images"]
+    for name in ("tag_scores", "textual_inversion", "evaluation_grid", "aesthetic_embedding"):
         assert graph.get(next(k for k in graph.get_all_asset_keys() if k.to_user_string() == name)).pools == {"gpu"}
     assert {job.name for job in defs.jobs} >= {"prepare", "retag", "train"}
