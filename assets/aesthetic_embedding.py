@@ -6,10 +6,12 @@ nothing, so a dataset that does not use the method is skipped, not failed.
 """
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pandas as pd
 from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue, asset
 
+from assets.dataset_settings import AestheticSettings
 from assets.metadata import require_file, settings_for
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
@@ -18,10 +20,20 @@ from assets.prepared_images import STAGE as PREPARED, kept_rows, manifest_path, 
 from common.hashing import file_sha256
 from resources import ProjectPaths, TorchDevice
 from resources.paths import resolve
-from training.aesthetic import EMBEDDINGS_DIR, create_aesthetic_embedding, save_aesthetic_embedding
+from training.aesthetic import EMBEDDINGS_DIR, AestheticOptions, create_aesthetic_embedding, save_aesthetic_embedding
 from training.clip_scores import ClipModelError, ClipScorer
 
 STAGE = "aesthetic_embedding"
+
+
+def aesthetic_options(settings: AestheticSettings) -> AestheticOptions:
+    """The dataset's generation-time options for the evaluation (the extension's names, one to one)."""
+    return AestheticOptions(**settings.model_dump(include=set(AestheticOptions.__dataclass_fields__)))
+
+
+def aesthetic_embedding_path(paths: ProjectPaths, dataset: str) -> Path:
+    """Where the dataset's embedding is written (and where the evaluation reads it)."""
+    return paths.output_dir(dataset, STAGE) / EMBEDDINGS_DIR / f"{dataset}.pt"
 
 
 @asset(
@@ -56,7 +68,7 @@ def aesthetic_embedding(
     if not images:
         raise Failure(description=f"dataset {dataset!r} has no prepared images to embed", allow_retries=False)
     embedding = create_aesthetic_embedding(scorer, images)
-    out_path = paths.output_dir(dataset, STAGE) / EMBEDDINGS_DIR / f"{dataset}.pt"
+    out_path = aesthetic_embedding_path(paths, dataset)
     save_aesthetic_embedding(out_path, embedding)
     context.log.info(f"aesthetic embedding of {len(images)} images from {scorer.folder} -> {out_path}")
     yield MaterializeResult(

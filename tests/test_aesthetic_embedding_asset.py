@@ -9,10 +9,11 @@ import pytest
 import torch
 from dagster import AssetKey
 
-from assets.aesthetic_embedding import STAGE
+from assets.aesthetic_embedding import STAGE, aesthetic_embedding_path, aesthetic_options
+from assets.dataset_settings import AestheticSettings
 from tests.helpers import edit_settings
 from tests.prepared_fixtures import dataset, prepare, setup_fixture  # noqa: F401 (fixture)
-from training.aesthetic import EMBEDDINGS_DIR, create_aesthetic_embedding
+from training.aesthetic import EMBEDDINGS_DIR, AestheticOptions, create_aesthetic_embedding
 from training.clip_scores import ClipScorer
 
 NAME = "moods"
@@ -38,6 +39,7 @@ def test_the_mean_clip_embedding_of_the_prepared_images(setup, embedded_root: Pa
     assert _materialize(defs, instance).success
 
     out = paths.data_root() / NAME / STAGE / EMBEDDINGS_DIR / f"{NAME}.pt"
+    assert aesthetic_embedding_path(paths, NAME) == out
     stored = torch.load(out, weights_only=True)
     prepared = sorted((paths.data_root() / NAME / "prepared_images").glob("*.png"))
     assert len(prepared) == 5
@@ -66,3 +68,14 @@ def test_a_missing_clip_folder_is_named_and_not_retried(setup, tmp_path: Path) -
     failure = next(event for event in result.all_events if event.is_step_failure)
     message = failure.step_failure_data.error.message
     assert "aesthetic.clip_model" in message and str(tmp_path / "no-clip") in message
+
+
+def test_every_generation_option_reaches_the_library() -> None:
+    section = AestheticSettings(clip_model="models/tiny-clip", aesthetic_weight=0.4, aesthetic_steps=7, aesthetic_lr=0.002,
+                                aesthetic_slerp=True, aesthetic_imgs_text="warm light", aesthetic_slerp_angle=0.3,
+                                aesthetic_text_negative=True)
+    options = aesthetic_options(section)
+    assert (options.aesthetic_weight, options.aesthetic_steps, options.aesthetic_lr) == (0.4, 7, 0.002)
+    assert (options.aesthetic_slerp, options.aesthetic_imgs_text) == (True, "warm light")
+    assert (options.aesthetic_slerp_angle, options.aesthetic_text_negative) == (0.3, True)
+    assert aesthetic_options(AestheticSettings()) == AestheticOptions()  # the same defaults as the extension
