@@ -1,5 +1,6 @@
 """The asset graph, one module per stage: raw inputs -> prepared images -> tags -> captions -> training -> evaluation."""
 
+from assets.aesthetic_embedding import aesthetic_embedding
 from assets.evaluation_grid import evaluation_grid
 from assets.evaluation_metrics import evaluation_metrics
 from assets.evaluation_report import evaluation_report
@@ -11,10 +12,12 @@ from assets.textual_inversion import textual_inversion
 
 computed_assets = [
     prepared_images, tag_scores, tag_table, textual_inversion, evaluation_grid, evaluation_metrics, evaluation_report,
+    aesthetic_embedding,
 ]
 all_assets = [*observed_assets, *computed_assets]
 
 __all__ = [
+    "aesthetic_embedding",
     "all_assets",
     "computed_assets",
     "evaluation_grid",

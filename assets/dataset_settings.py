@@ -215,7 +215,8 @@ class EvaluationSettings(_Section):
     y_axis: GridAxis = "prompt"
     z_axis: GridAxis | Literal["none"] = "seed"
     cell_size: int = Field(0, ge=0, le=2048, description="pixels per cell in the grid PNG; 0: the image size, at least 128")
-    clip_model: str = Field("", description="a local CLIP model folder (relative: to the project root); empty: no CLIP scores")
+    clip_model: str = Field("", description="a local CLIP folder (openai/clip-vit-large-patch14 layout) for the "
+                            "image-image and prompt-image CLIP scores; relative to the project root; empty: no scores")
     patience_evaluations: int = Field(3, ge=1, description="seeds' rule: warn after this many checkpoints without improvement")
     overfitting_evaluations: int = Field(
         2, ge=1, description="warn when validation loss rose while training loss fell for this many checkpoints"
@@ -234,12 +235,28 @@ class EvaluationSettings(_Section):
         return self
 
 
+class AestheticSettings(_Section):
+    """The aesthetic-gradients extension: creation (clip_model, batch_size) and its generation options."""
+
+    clip_model: str = Field("", description="a local CLIP folder whose text tower is the base model's text encoder "
+                            "(SD 1.x: ViT-L/14); relative to the project root; empty: no aesthetic embedding")
+    batch_size: int = Field(8, ge=1, le=1024, description="images per CLIP call while averaging")
+    aesthetic_weight: float = Field(0.9, ge=0, le=1, description="extension: blend of the optimised conditioning")
+    aesthetic_steps: int = Field(5, ge=0, le=50, description="extension: optimisation steps of the text encoder copy")
+    aesthetic_lr: float = Field(0.0001, ge=0, description="extension: learning rate of those steps")
+    aesthetic_slerp: bool = Field(False, description="extension: slerp instead of linear blending")
+    aesthetic_imgs_text: str = Field("", description="extension: text that rotates the image embedding")
+    aesthetic_slerp_angle: float = Field(0.1, ge=0, le=1, description="extension: how far towards that text")
+    aesthetic_text_negative: bool = Field(False, description="extension: rotate away from the text instead")
+
+
 class DatasetSettings(_Section):
     preprocess: PreprocessSettings = PreprocessSettings()
     tagging: TaggingSettings = TaggingSettings()
     captions: CaptionSettings = CaptionSettings()
     training: TrainingSettings = TrainingSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    aesthetic: AestheticSettings = AestheticSettings()
 
 
 SECTIONS: tuple[str, ...] = tuple(DatasetSettings.model_fields)

@@ -59,10 +59,14 @@ def clip_scores(
 
     scorer = ClipScorer.load(resolve(settings.clip_model), device.torch_device())
     images = [Path(path) for path in cells["image"]]
+    rest = [prompt_without_name(prompt, NAME_KEYWORD) for prompt in cells["prompt"]]
     scored = cells.assign(
-        clip_image_similarity=scorer.image_similarity(images, references),
-        clip_text_similarity=scorer.text_similarity(images, [prompt_without_name(p, NAME_KEYWORD) for p in cells["prompt"]]),
+        clip_image_similarity=scorer.image_similarity(images, references).tolist(), rest=rest, clip_text_similarity=np.nan
     )
+    with_rest = [index for index, text in enumerate(rest) if text]  # a prompt that is only [name] asks nothing else
+    if with_rest:
+        texts = scorer.text_similarity([images[i] for i in with_rest], [rest[i] for i in with_rest])
+        scored.loc[scored.index[with_rest], "clip_text_similarity"] = texts.tolist()
     with_name = scored[scored["prompt"].str.contains(NAME_KEYWORD, regex=False)]
     image = with_name.groupby("step")["clip_image_similarity"].mean()
     text = scored.groupby("step")["clip_text_similarity"].mean()

@@ -68,6 +68,11 @@ evaluation:  # prompts x seeds grid of the trained embedding
     - "[name] on a white background"
   seeds: [1, 2, 3]
   steps: 12
+  clip_model: models/tiny-clip   # CLIP scores of the cells (a random tiny CLIP: the numbers only prove the path)
+
+aesthetic:  # aesthetic-gradients embedding of the prepared images (asset aesthetic_embedding, on demand)
+  clip_model: models/tiny-clip   # its text tower is the tiny SD's text encoder, as ViT-L/14's is SD 1.x's
+  batch_size: 16
 """
 
 

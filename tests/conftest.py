@@ -29,6 +29,9 @@ def make_project(tmp_path: Path, embedded_root: Path):
 
     datasets = tmp_path / "datasets"
     shutil.copytree(embedded_root / "datasets" / "demo", datasets / "demo")
+    # The demo's model paths are relative to the project root; here the models are the session's build.
+    settings = datasets / "demo" / "dataset.yaml"
+    settings.write_text(settings.read_text().replace(": models/", f": {embedded_root / 'models'}/"))
     resources = {
         "paths": ProjectPaths(datasets_dir=str(datasets), data_dir=str(tmp_path / "data")),
         "tagger": TaggerResource(wd14_model=str(embedded_root / "models" / "tiny-wd14")),

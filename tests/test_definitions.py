@@ -36,8 +36,9 @@ def test_graph_shape():
     assert parents["evaluation_grid"] == ["evaluation_settings", "textual_inversion"]
     assert parents["evaluation_metrics"] == ["evaluation_grid", "evaluation_settings", "textual_inversion"]
     assert parents["evaluation_report"] == ["evaluation_grid", "evaluation_metrics", "prepared_images", "tag_table"]
+    assert parents["aesthetic_embedding"] == ["aesthetic_settings", "prepared_images"]
     pools = {key.to_user_string(): graph.get(key).pools for key in graph.get_all_asset_keys()}
-    for name in ("tag_scores", "textual_inversion", "evaluation_grid", "evaluation_metrics"):
+    for name in ("tag_scores", "textual_inversion", "evaluation_grid", "evaluation_metrics", "aesthetic_embedding"):
         assert pools[name] == {"gpu"}
     assert not pools["evaluation_report"]  # it loads no model
     assert {job.name for job in defs.jobs} >= {"prepare", "retag", "train"}

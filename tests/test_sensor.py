@@ -27,7 +27,7 @@ def test_new_folder_then_edits(project):
         second = _tick(instance, paths, first.cursor)
         observed = {event.asset_key.to_user_string() for event in second.asset_events}
         assert observed == {"raw_images", "preprocess_settings", "tagging_settings", "captions_settings",
-                            "training_settings", "evaluation_settings"}
+                            "training_settings", "evaluation_settings", "aesthetic_settings"}
         assert all(event.partition == "demo" and event.tags["dagster/data_version"] for event in second.asset_events)
 
         quiet = _tick(instance, paths, second.cursor)

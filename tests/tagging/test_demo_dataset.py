@@ -41,7 +41,7 @@ def test_layout_file_kinds_and_settings(tmp_path: Path) -> None:
     assert all(load_rgb(dataset / name).size == (64, 64) for name in names)
     text = (dataset / "dataset.yaml").read_text(encoding="utf-8")
     assert text == demo_dataset_yaml()
-    assert list(yaml.safe_load(text)) == ["preprocess", "tagging", "captions", "training", "evaluation"]
+    assert list(yaml.safe_load(text)) == ["preprocess", "tagging", "captions", "training", "evaluation", "aesthetic"]
 
 
 def test_backgrounds_vary_while_the_character_stays(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from embedded.tiny_clip import build_tiny_clip
 from embedded.tiny_sd import build_tiny_sd
 from training.base_model import BaseModel, load_base_model
 from training.textual_inversion import TrainingExample
@@ -20,6 +21,12 @@ SUBJECT_CAPTION = "red, round, simple background"
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny CLIP built with tiny_sd_dir's seed, so its text tower is that model's text encoder."""
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip") / "model", seed=0)
 
 
 @pytest.fixture(scope="session")
