@@ -62,7 +62,7 @@ training:  # textual inversion of the demo character, webui option names
   template: subject_filewords
   save_embedding_every: 50
 
-evaluation:  # prompts x seeds grid of the trained embedding
+evaluation:  # X/Y/Z grid: checkpoints (x) by prompts (y), one block per seed (z); metrics per checkpoint
   prompts:
     - "a photo of [name]"
     - "[name] on a white background"
