@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import sys
 
+import pandas as pd
 from dagster import DagsterInstance
 
+from assets.evaluation_metrics import METRICS_TABLE
 from assets.evaluation_report import report_path
 from assets.partitions import datasets_partitions
 from embedded import build_missing
@@ -42,6 +44,13 @@ def main() -> int:
     for kind in ("webui_pt", "diffusers"):
         print(f"  {kind:10s} {run['files'][kind]}")
     print(f"evaluation grid:\n  {grids[0] if grids else '(missing)'}")
+    metrics_file = paths.output_dir(DATASET, "evaluation_metrics") / METRICS_TABLE
+    if metrics_file.is_file():
+        metrics = pd.read_parquet(metrics_file)
+        print("checkpoints (training loss, validation loss, CLIP image similarity):")
+        for row in metrics.itertuples():
+            mark = "  <- best, copied to textual_inversion/best/" if row.best else ""
+            print(f"  step {row.step:5d}  {row.training_loss:.4f}  {row.validation_loss:.4f}  {row.clip_image_similarity:.4f}{mark}")
     report = report_path(paths, DATASET)
     print(f"evaluation report (open in a browser):\n  {report.as_uri() if report.is_file() else '(missing)'}")
     print("\nsee them in the UI: make ui, then open http://127.0.0.1:3000")

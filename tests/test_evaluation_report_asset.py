@@ -72,7 +72,7 @@ def test_report_of_a_trained_dataset_then_with_metrics(project, embedded_root) -
         # The metrics table the evaluation_metrics stage writes: shown, with its best checkpoint marked.
         pd.DataFrame({"method": ["textual_inversion"] * 2, "step": [1, 2], "checkpoint": ["a.pt", "b.pt"],
                       "validation_loss": [0.4, 0.3], "best": [False, True]}).to_parquet(
-            metrics_path(paths, DATASET).parent.mkdir(parents=True) or metrics_path(paths, DATASET), index=False)
+            metrics_path(paths, DATASET), index=False)  # metrics_path creates its folder
         event = run(defs, instance, "evaluation_report")
         assert event.metadata["sections"].value["metrics"] is True
         assert event.metadata["best_checkpoint"].value == "textual_inversion step 2 (b.pt)"

@@ -57,6 +57,13 @@ def default_window(n_points: int) -> int:
     return max(1, min(50, n_points // 10))
 
 
+def _save(figure: Figure, out_path: str | os.PathLike[str]) -> Path:
+    figure.tight_layout()
+    with atomic_path(out_path) as tmp:
+        figure.savefig(tmp, format="png")
+    return Path(out_path)
+
+
 def plot_loss(
     csv_or_losses: str | os.PathLike[str] | Sequence[float], out_path: str | os.PathLike[str], title: str
 ) -> Path:
@@ -80,10 +87,7 @@ def plot_loss(
         rate_axes.step(steps, rates, where="post", color="tab:green", linewidth=1, label="learning rate")
         rate_axes.set_ylabel("learning rate")
         rate_axes.legend(loc="upper right")
-    figure.tight_layout()
-    with atomic_path(out_path) as tmp:
-        figure.savefig(tmp, format="png")
-    return Path(out_path)
+    return _save(figure, out_path)
 
 
 def plot_metrics(metrics: pd.DataFrame, out_path: str | os.PathLike[str], title: str, best_step: int | None = None) -> Path:
@@ -113,7 +117,4 @@ def plot_metrics(metrics: pd.DataFrame, out_path: str | os.PathLike[str], title:
                            label=column.replace("_", " "))  # fmt: skip
         clip_axes.set_ylabel("CLIP cosine similarity")
         clip_axes.legend(loc="upper right")
-    figure.tight_layout()
-    with atomic_path(out_path) as tmp:
-        figure.savefig(tmp, format="png")
-    return Path(out_path)
+    return _save(figure, out_path)
