@@ -36,7 +36,7 @@ def load_torch_file(path: str | os.PathLike[str], error: type[Exception]) -> obj
         raise error(
             f"{path}: corrupt, or holds Python objects besides tensors and plain values, which are never unpickled"
         ) from cause
-    except (RuntimeError, EOFError, OSError, ValueError) as cause:
+    except Exception as cause:  # noqa: BLE001 - the unpickler fails on garbage in many ways (EOF, IndexError ...)
         raise error(f"{path}: not a readable torch file ({cause})") from cause
 
 
