@@ -84,10 +84,16 @@ def apply_hypernetwork(
     """The UNet with `hypernetwork` at `strength` inside the block; its processors (and the modules'
     multipliers) exactly as they were afterwards, even on error. Yields the names of the layers it changed.
 
-    The hypernetwork's modules must already be on the UNet's device. Strength applies in eval mode; in
+    The hypernetwork must already be on the UNet's device (`hypernetwork.to(device)`). Strength applies in eval mode; in
     training mode the webui (and we) always use 1.
     """
     layers = _attention_layers(unet)
+    devices = {parameter.device for parameter in hypernetwork.parameters()}
+    if devices - {unet.device}:
+        raise ValueError(
+            f"apply_hypernetwork: hypernetwork {hypernetwork.name!r} is on {sorted(map(str, devices))}, the UNet on "
+            f"{unet.device}; move it with hypernetwork.to(device) first"
+        )
     if any(getattr(attn, "fused_projections", False) for _, attn in layers):
         raise ValueError("apply_hypernetwork: the UNet's k/v projections are fused; unfuse them first")
     originals = {name: attn.processor for name, attn in layers}

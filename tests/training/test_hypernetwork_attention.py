@@ -134,3 +134,31 @@ def test_gradients_reach_only_the_hypernetwork(tiny_base: BaseModel):
         assert all(parameter.grad is None for parameter in tiny_base.unet.parameters())
     finally:
         hypernetwork.eval()
+
+
+def test_a_hypernetwork_on_another_device_is_refused_before_anything_changes(tiny_base: BaseModel):
+    hypernetwork = _hypernetwork((32,)).to("meta")
+    processors = tiny_base.unet.attn_processors
+    with pytest.raises(ValueError, match="hypernetwork 'test' is on \\['meta'\\].*hypernetwork.to\\(device\\)"):
+        with apply_hypernetwork(tiny_base.unet, hypernetwork):
+            pass
+    assert all(tiny_base.unet.attn_processors[name] is processor for name, processor in processors.items())
+
+
+def test_nested_hypernetworks_chain_in_the_webui_order(tiny_base: BaseModel):
+    """The webui applies several hypernetworks one after the other: k = to_k(second_k(first_k(context)))."""
+    attn = next(attn for attn in _attention_layers(tiny_base).values() if attn.is_cross_attention)
+    first, second = _hypernetwork((32,), seed=1), _hypernetwork((32,), seed=2)
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(1, 16, attn.to_q.in_features, generator=generator)
+    context = torch.randn(1, 9, 32, generator=generator)
+    with torch.no_grad():
+        with apply_hypernetwork(tiny_base.unet, first), apply_hypernetwork(tiny_base.unet, second):
+            nested = attn(hidden, encoder_hidden_states=context)
+        k = attn.to_k(second.layers[32][0](first.layers[32][0](context)))
+        v = attn.to_v(second.layers[32][1](first.layers[32][1](context)))
+        heads, q = attn.heads, attn.to_q(hidden)
+        split = lambda t: t.view(1, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # noqa: E731
+        attended = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        expected = attn.to_out[0](attended.transpose(1, 2).reshape(1, -1, q.shape[-1]))
+    torch.testing.assert_close(nested, expected, rtol=1e-5, atol=1e-6)
