@@ -324,7 +324,8 @@ class Hypernetwork:
 def _setting(path: Path, data: Mapping, key: str, default: Any, kinds: type | tuple[type, ...]) -> Any:
     value = data.get(key, default)
     if value is not None and not isinstance(value, kinds):
-        raise HypernetworkFileError(f"{path}: '{key}' should be {kinds}, found {type(value).__name__} {value!r}")
+        expected = " or ".join(kind.__name__ for kind in (kinds if isinstance(kinds, tuple) else (kinds,)))
+        raise HypernetworkFileError(f"{path}: '{key}' should be a {expected}, found {type(value).__name__} {value!r}")
     return value
 
 

@@ -262,7 +262,7 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "nan.pt": ({**good, 8: (good[8][0], {k: v * float("nan") for k, v in good[8][1].items()})}, "contains NaN or inf"),
         "structure.pt": ({**good, "layer_structure": [2, 1]}, "start and end with 1"),
         "activation.pt": ({**good, "activation_func": "nope"}, "unsupported hypernetwork activation function"),
-        "typed.pt": ({**good, "layer_structure": "1,2,1"}, "'layer_structure' should be"),
+        "typed.pt": ({**good, "layer_structure": "1,2,1"}, "'layer_structure' should be a list or tuple, found str '1,2,1'"),
     }
     written = {}
     for name, (content, reason) in cases.items():
