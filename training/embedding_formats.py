@@ -9,9 +9,7 @@ are shared as PNG cards. We write and read all of them.
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 
 from common.atomic import write_bytes
 from training.png_embedding import read_png_embedding
+from training.torch_files import load_optim_companion, load_torch_file, save_optim_companion, torch_bytes
 
 # The webui writes this fixed map in every embedding; readers only use the '*' key, never the id.
 WEBUI_STRING_TO_TOKEN = {"*": 265}
@@ -64,13 +63,6 @@ def webui_embedding_dict(
     }
 
 
-def _torch_bytes(data: object) -> bytes:
-    """Serialised in memory first, so the bytes do not depend on the temporary file's name."""
-    buffer = io.BytesIO()
-    torch.save(data, buffer)
-    return buffer.getvalue()
-
-
 def save_webui_pt(
     path: str | os.PathLike[str],
     name: str,
@@ -80,7 +72,7 @@ def save_webui_pt(
     sd_checkpoint_name: str | None,
 ) -> Path:
     """The webui's embedding layout."""
-    return write_bytes(path, _torch_bytes(webui_embedding_dict(name, vectors, step, sd_checkpoint, sd_checkpoint_name)))
+    return write_bytes(path, torch_bytes(webui_embedding_dict(name, vectors, step, sd_checkpoint, sd_checkpoint_name)))
 
 
 def webui_checksum(vectors: torch.Tensor) -> str:
@@ -95,8 +87,7 @@ def save_webui_optim(
     pt_path: str | os.PathLike[str], vectors: torch.Tensor, optimizer_state: dict, optimizer_name: str = "AdamW"
 ) -> Path:
     """`<embedding>.pt.optim`: the optimizer state the webui resumes from when it continues training this file."""
-    data = {"hash": webui_checksum(vectors), "optimizer_name": optimizer_name, "optimizer_state_dict": optimizer_state}
-    return write_bytes(f"{os.fspath(pt_path)}.optim", _torch_bytes(data))
+    return save_optim_companion(pt_path, webui_checksum(vectors), optimizer_name, optimizer_state)
 
 
 def load_webui_optim(pt_path: str | os.PathLike[str], vectors: torch.Tensor, optimizer_name: str) -> dict | None:
@@ -105,18 +96,10 @@ def load_webui_optim(pt_path: str | os.PathLike[str], vectors: torch.Tensor, opt
     As the webui does: a state saved for other vectors (checksum) or another optimizer is ignored, since
     AdamW's moments only make sense for the values they were accumulated on.
     """
-    path = Path(f"{os.fspath(pt_path)}.optim")
-    if not path.is_file():
+    found = load_optim_companion(pt_path, webui_checksum(vectors), EmbeddingFileError)
+    if found is None or found[0] != optimizer_name:
         return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise EmbeddingFileError(f"{path}: not a readable optimizer state ({error})") from error
-    if not isinstance(data, dict) or data.get("hash") != webui_checksum(vectors):
-        return None
-    if data.get("optimizer_name") != optimizer_name:
-        return None
-    return data.get("optimizer_state_dict")
+    return found[1]
 
 
 def save_kohya_embedding(path: str | os.PathLike[str], name: str, vectors: torch.Tensor) -> Path:
@@ -183,14 +166,7 @@ def _read_webui(path: Path, data: dict) -> EmbeddingFile:
 
 
 def _read_torch(path: Path) -> EmbeddingFile:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise EmbeddingFileError(
-            f"{path}: corrupt, or holds Python objects besides tensors and plain values, which are never unpickled"
-        ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise EmbeddingFileError(f"{path}: not a readable torch file ({error})") from error
+    data = load_torch_file(path, EmbeddingFileError)
     if not isinstance(data, dict):
         raise EmbeddingFileError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
     if "string_to_param" in data:
