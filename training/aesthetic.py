@@ -29,7 +29,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from common.atomic import write_bytes
 from training.clip_scores import ClipScorer, ImageInput, normalized
-from training.embedding_formats import _portable_vectors, _torch_bytes
+from training.embedding_formats import portable_vectors
+from training.torch_files import torch_bytes
 from training.prompt_encoding import check_clip_skip, encode_input_ids
 
 EMBEDDINGS_DIR = "aesthetic_embeddings"  # the extension's folder name (extensions/aesthetic-gradients/...)
@@ -72,7 +73,7 @@ def save_aesthetic_embedding(path: str | os.PathLike[str], embedding: torch.Tens
     """Write the bare (1, d) tensor atomically; the file loads with `torch.load(weights_only=True)`."""
     if embedding.ndim != 2 or embedding.shape[0] != 1:
         raise ValueError(f"{path}: an aesthetic embedding has shape (1, projection_dim), got {tuple(embedding.shape)}")
-    return write_bytes(path, _torch_bytes(_portable_vectors(embedding, Path(path).stem)))
+    return write_bytes(path, torch_bytes(portable_vectors(embedding, Path(path).stem)))
 
 
 def load_aesthetic_embedding(path: str | os.PathLike[str]) -> torch.Tensor:

@@ -40,7 +40,7 @@ class EmbeddingFile:
     sd_checkpoint_name: str | None = None
 
 
-def _portable_vectors(vectors: torch.Tensor, name: str) -> torch.Tensor:
+def portable_vectors(vectors: torch.Tensor, name: str) -> torch.Tensor:
     """A float32 CPU copy that owns its storage (torch.save would otherwise store a whole parent tensor)."""
     if vectors.ndim != 2 or vectors.shape[0] < 1:
         raise ValueError(f"embedding {name!r}: vectors must have shape (n_vectors, hidden), got {tuple(vectors.shape)}")
@@ -55,7 +55,7 @@ def webui_embedding_dict(
     """The dict the webui pickles into `.pt` files and JSON-encodes into PNG embeddings."""
     return {
         "string_to_token": dict(WEBUI_STRING_TO_TOKEN),
-        "string_to_param": {"*": _portable_vectors(vectors, name)},
+        "string_to_param": {"*": portable_vectors(vectors, name)},
         "name": name,
         "step": int(step),
         "sd_checkpoint": sd_checkpoint,
@@ -104,7 +104,7 @@ def load_webui_optim(pt_path: str | os.PathLike[str], vectors: torch.Tensor, opt
 
 def save_kohya_embedding(path: str | os.PathLike[str], name: str, vectors: torch.Tensor) -> Path:
     """kohya's / ComfyUI's layout: one `emb_params` tensor; the file name is the embedding's name."""
-    return write_bytes(path, safetensors.torch.save({KOHYA_KEY: _portable_vectors(vectors, name)}))
+    return write_bytes(path, safetensors.torch.save({KOHYA_KEY: portable_vectors(vectors, name)}))
 
 
 def save_diffusers_embedding(
@@ -116,7 +116,7 @@ def save_diffusers_embedding(
     the bytes differ from run to run.
     """
     metadata = None if step is None else {"step": str(int(step))}
-    data = safetensors.torch.save({name: _portable_vectors(vectors, name)}, metadata=metadata)
+    data = safetensors.torch.save({name: portable_vectors(vectors, name)}, metadata=metadata)
     return write_bytes(path, data)
 
 
