@@ -25,13 +25,12 @@ def embedded_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_project(tmp_path: Path, embedded_root: Path):
     """A fresh datasets/ and data/ with a copy of the demo dataset, and Definitions that point at them."""
     from pipelines.definitions import build_definitions
+    from tests.helpers import point_models_at
     from resources import BaseModelResource, ProjectPaths, TaggerResource, TorchDevice
 
     datasets = tmp_path / "datasets"
     shutil.copytree(embedded_root / "datasets" / "demo", datasets / "demo")
-    # The demo's model paths are relative to the project root; here the models are the session's build.
-    settings = datasets / "demo" / "dataset.yaml"
-    settings.write_text(settings.read_text().replace(": models/", f": {embedded_root / 'models'}/"))
+    point_models_at(datasets / "demo" / "dataset.yaml", embedded_root / "models")
     resources = {
         "paths": ProjectPaths(datasets_dir=str(datasets), data_dir=str(tmp_path / "data")),
         "tagger": TaggerResource(wd14_model=str(embedded_root / "models" / "tiny-wd14")),

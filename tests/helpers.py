@@ -24,3 +24,8 @@ def copy_with_settings(paths, source: str, name: str, settings_text: str) -> Pat
     shutil.copytree(paths.dataset_dir(source), folder)
     (folder / "dataset.yaml").write_text(settings_text, encoding="utf-8")
     return folder
+
+
+def point_models_at(settings_path: Path, models_dir: Path) -> None:
+    """The demo's model paths are relative to the project root; in tests the models are the session's build."""
+    settings_path.write_text(settings_path.read_text().replace(": models/", f": {models_dir}/"))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import point_models_at
 from tests.integration.project import project_env
 from tests.integration.server import DagsterDev
 from tests.integration.servers import Postgres, Redis, postgres_server, redis_server
@@ -47,6 +48,7 @@ def small_project(root: Path, embedded_root: Path) -> dict[str, str]:
     for section, values in SMALL_SETTINGS.items():
         settings.setdefault(section, {}).update(values)
     (target / "dataset.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    point_models_at(target / "dataset.yaml", embedded_root / "models")
     return project_env(root, embedded_root)
 
 
