@@ -1,6 +1,7 @@
 """`evaluation_metrics`: one row per saved checkpoint (training and validation loss, CLIP similarities of its
 grid cells), the checkpoint to keep copied to `best/`, and the seeds' rules as asset checks."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
 from assets.placement import gpu_step
 from assets.textual_inversion import STAGE as TRAINING_STAGE, read_training_run, textual_inversion, training_examples
-from common.atomic import write_parquet, write_text
+from common.atomic import atomic_path, write_parquet, write_text
 from common.hashing import file_sha256
 from resources import ProjectPaths, TorchDevice
 from resources.paths import resolve
@@ -73,7 +74,7 @@ def clip_scores(
     return pd.DataFrame({"clip_image_similarity": image, "clip_text_similarity": text}).reset_index()
 
 
-def metrics_table(run: dict, cells: pd.DataFrame, clip: pd.DataFrame) -> pd.DataFrame:
+def metrics_table(run: dict, clip: pd.DataFrame) -> pd.DataFrame:
     checkpoints = saved_checkpoints(run)
     steps = [step for _, step in checkpoints]
     frame = pd.DataFrame({
@@ -100,11 +101,9 @@ def keep_best(paths: ProjectPaths, dataset: str, run: dict, best: pd.Series) -> 
     for source, target in ((webui, files["webui_pt"]), (diffusers, files["diffusers"])):
         if not source.is_file():
             raise Failure(description=f"{source}: the best checkpoint (step {best['step']}) no longer exists")
-        partial = target.with_name(f".{target.name}.partial")
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, partial)
-        partial.replace(target)
-    files["choice"] = write_text(out / "best.json", pd.Series({"step": int(best["step"]), "source": str(diffusers)}).to_json())
+        with atomic_path(target) as partial:
+            shutil.copyfile(source, partial)
+    files["choice"] = write_text(out / "best.json", json.dumps({"step": int(best["step"]), "source": str(diffusers)}))
     return files
 
 
@@ -165,7 +164,7 @@ def evaluation_metrics(context: AssetExecutionContext, paths: ProjectPaths, devi
         clip = clip_scores(settings, cells, references, device)
     except (OSError, ValueError) as error:
         raise Failure(description=f"evaluation.clip_model for {dataset!r}: {error}", allow_retries=False) from error
-    frame = metrics_table(run, cells, clip)
+    frame = metrics_table(run, clip)
     out_dir = paths.output_dir(dataset, STAGE)
     table_path = write_parquet(out_dir / METRICS_TABLE, frame)
     best = frame.loc[frame["best"]].iloc[0]
