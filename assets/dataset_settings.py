@@ -215,6 +215,8 @@ class EvaluationSettings(_Section):
     y_axis: GridAxis = "prompt"
     z_axis: GridAxis | Literal["none"] = "seed"
     cell_size: int = Field(0, ge=0, le=2048, description="pixels per cell in the grid PNG; 0: the image size, at least 128")
+    aesthetic: bool = Field(False, description="apply the dataset's aesthetic embedding (asset aesthetic_embedding) "
+                            "to every cell, with the aesthetic section's options")
     clip_model: str = Field("", description="a local CLIP folder (openai/clip-vit-large-patch14 layout) for the "
                             "image-image and prompt-image CLIP scores; relative to the project root; empty: no scores")
     patience_evaluations: int = Field(3, ge=1, description="seeds' rule: warn after this many checkpoints without improvement")

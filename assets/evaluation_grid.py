@@ -6,20 +6,23 @@ the new cells; `cells.parquet` lists every cell with its coordinates for the met
 
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue, asset
 
-from assets.dataset_settings import EvaluationSettings
+from assets.aesthetic_embedding import aesthetic_embedding_path, aesthetic_options
+from assets.dataset_settings import DatasetSettings, EvaluationSettings
 from assets.metadata import image_md, settings_for
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
 from assets.placement import gpu_step
 from assets.textual_inversion import read_training_run, textual_inversion
 from common.atomic import write_parquet
-from common.hashing import file_sha256
+from common.hashing import file_sha256, json_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
+from resources.paths import resolve
 from training.evaluation import GridResult, RenderSettings, build_pipeline, render_xyz_grid
 from training.templates import NAME_KEYWORD, evaluation_prompts, read_prompt_file, render_prompt
 from training.xyz_grid import Checkpoint, GridPlan
@@ -94,6 +97,25 @@ def cells_table(result: GridResult) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def with_aesthetic(
+    render: RenderSettings, settings: DatasetSettings, paths: ProjectPaths, dataset: str, device: TorchDevice
+) -> RenderSettings:
+    """The render settings with the dataset's aesthetic embedding applied as the extension applies it."""
+    from training.aesthetic import AestheticGradients
+    from training.clip_scores import ClipScorer
+
+    path = aesthetic_embedding_path(paths, dataset)
+    if not settings.aesthetic.clip_model or not path.is_file():
+        raise Failure(
+            description=f"evaluation.aesthetic is on but {path} does not exist: set aesthetic.clip_model and "
+            "materialize `aesthetic_embedding` for this dataset first", allow_retries=False,
+        )  # fmt: skip
+    options = aesthetic_options(settings.aesthetic)
+    scorer = ClipScorer.load(resolve(settings.aesthetic.clip_model), device.torch_device())
+    key = json_sha256({"file": file_sha256(path), "options": vars(options)})
+    return replace(render, aesthetic=AestheticGradients.load(scorer, path, options), aesthetic_key=key)
+
+
 @asset(
     partitions_def=datasets_partitions,
     deps=[textual_inversion, settings_assets["evaluation"]],
@@ -122,6 +144,8 @@ def evaluation_grid(
     base = base_model.load(device)
     pipeline = build_pipeline(base, settings.sampler)
     render = RenderSettings(settings.sampler, settings.negative_prompt, run["clip_skip"], base.fingerprint)
+    if settings.aesthetic:
+        render = with_aesthetic(render, all_settings, paths, dataset, device)
     out_dir = paths.output_dir(dataset, STAGE)
     title = f"{run['name']} - {METHOD} - {base.name} [{base.short_hash}]"
     try:

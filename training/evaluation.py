@@ -27,6 +27,7 @@ from PIL import Image
 
 from common.atomic import atomic_path, write_bytes
 from common.hashing import cached_file_sha256, json_sha256
+from training.aesthetic import AestheticGradients
 from training.base_model import BaseModel
 from training.embedding_formats import read_embedding
 from training.prompt_encoding import check_clip_skip, encode_input_ids
@@ -156,6 +157,10 @@ class RenderSettings:
     negative_prompt: str = ""
     clip_skip: int = 1
     base_fingerprint: str = ""
+    # The aesthetic-gradients extension applied to every cell's prompt, and what identifies it in the cache
+    # (its file's hash and options). It replaces the strength emphasis: the extension encodes the prompt itself.
+    aesthetic: AestheticGradients | None = None
+    aesthetic_key: str = ""
 
 
 def cell_key(cell: CellSpec, render: RenderSettings) -> str:
@@ -165,7 +170,7 @@ def cell_key(cell: CellSpec, render: RenderSettings) -> str:
         "name": cell.checkpoint.name, "prompt": render_prompt(cell.prompt, cell.checkpoint.name, ""),
         "negative_prompt": render.negative_prompt, "seed": cell.seed, "cfg_scale": cell.cfg_scale,
         "steps": cell.steps, "strength": cell.strength, "sampler": render.sampler, "clip_skip": render.clip_skip,
-        "base_model": render.base_fingerprint,
+        "base_model": render.base_fingerprint, "aesthetic": render.aesthetic_key,
     })  # fmt: skip
 
 
@@ -206,7 +211,11 @@ def render_cells(
         with METHOD_APPLIERS[checkpoint.method](pipeline, checkpoint, strength, render.clip_skip) as encode:
             negative = prompt_embeddings(pipeline, render.negative_prompt, render.clip_skip)
             for cell, key, path in todo:
-                conditioning = encode(render_prompt(cell.prompt, checkpoint.name, ""))
+                prompt = render_prompt(cell.prompt, checkpoint.name, "")
+                if render.aesthetic is not None:
+                    conditioning = render.aesthetic.prompt_embeds(pipeline, prompt, render.clip_skip)
+                else:
+                    conditioning = encode(prompt)
                 image = render_conditioned(pipeline, conditioning, negative, cell.seed, cell.steps, cell.cfg_scale)
                 save_png(image, path)
                 results[cell] = RenderedCell(cell, key, path, rendered=True)
@@ -256,6 +265,8 @@ def render_xyz_grid(
     sampling = f"{type(pipeline.scheduler).__name__}, clip skip {render.clip_skip}"
     if render.negative_prompt:
         sampling += f", negative prompt: {render.negative_prompt}"
+    if render.aesthetic is not None:
+        sampling += f", aesthetic gradients (weight {render.aesthetic.options.aesthetic_weight:g})"
     blocks = [[[images[cell] for cell in row] for row in block] for block in layout]
     save_png(draw_grid(plan, blocks, title, fixed_legend(plan) + [sampling], cell_size), out_path)
     return GridResult(out_path, done, files)

@@ -161,3 +161,24 @@ def test_grid_requests_are_checked_before_rendering(tiny_base: BaseModel, embedd
     with pytest.raises(ValueError, match=r"deleted.safetensors: the textual_inversion checkpoint at step 20 no longer exists"):
         render_xyz_grid(pipeline, gone, render, tmp_path / "grid.png", tmp_path, title="t")
     assert not (tmp_path / "grid.png").exists()
+
+
+def test_aesthetic_gradients_change_the_cells_and_their_cache_key(
+    tiny_base: BaseModel, tiny_clip_dir: Path, embedding_files: dict[str, Path], tmp_path: Path
+) -> None:
+    from training.aesthetic import AestheticGradients, AestheticOptions, create_aesthetic_embedding, save_aesthetic_embedding
+    from training.clip_scores import ClipScorer
+
+    scorer = ClipScorer.load(tiny_clip_dir)
+    images = [Image.new("RGB", (32, 32), colour) for colour in ((250, 20, 20), (240, 60, 30))]
+    path = save_aesthetic_embedding(tmp_path / "aesthetic_embeddings" / "red.pt", create_aesthetic_embedding(scorer, images))
+    aesthetic = AestheticGradients.load(scorer, path, AestheticOptions(aesthetic_steps=3, aesthetic_lr=0.01))
+    pipeline = build_pipeline(tiny_base)
+    encoder = [p.detach().clone() for p in tiny_base.text_encoder.parameters()]
+    plan = _plan(embedding_files, checkpoint=(40,), prompt=("a photo of a [name]",), seed=(1,), axes=("checkpoint", "prompt", None))
+    plain = render_xyz_grid(pipeline, plan, RenderSettings("dpm"), tmp_path / "plain_grid.png", tmp_path / "cache", title="t")
+    applied = render_xyz_grid(pipeline, plan, RenderSettings("dpm", aesthetic=aesthetic, aesthetic_key="red"),
+                              tmp_path / "aesthetic_grid.png", tmp_path / "cache", title="t")  # fmt: skip
+    assert applied.cells[0].rendered and applied.cells[0].key != plain.cells[0].key
+    assert applied.cells[0].cache_path.read_bytes() != plain.cells[0].cache_path.read_bytes()
+    assert all(torch.equal(a, b) for a, b in zip(encoder, tiny_base.text_encoder.parameters()))
