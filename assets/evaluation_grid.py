@@ -111,7 +111,10 @@ def with_aesthetic(
             "materialize `aesthetic_embedding` for this dataset first", allow_retries=False,
         )  # fmt: skip
     options = aesthetic_options(settings.aesthetic)
-    scorer = ClipScorer.load(resolve(settings.aesthetic.clip_model), device.torch_device())
+    try:
+        scorer = ClipScorer.load(resolve(settings.aesthetic.clip_model), device.torch_device())
+    except ValueError as error:  # a missing or foreign model folder: named, and not worth a retry
+        raise Failure(description=f"datasets/{dataset}/dataset.yaml, aesthetic.clip_model: {error}", allow_retries=False) from error
     key = json_sha256({"file": file_sha256(path), "options": vars(options)})
     return replace(render, aesthetic=AestheticGradients.load(scorer, path, options), aesthetic_key=key)
 
