@@ -56,7 +56,8 @@ def materialize_only(defs, instance: DagsterInstance, *keys: str) -> None:
 
 
 def requested(result) -> dict[str, set[str]]:
-    keys = ["prepared_images", "tag_scores", "tag_table", "textual_inversion", "evaluation_grid", "evaluation_report"]
+    keys = ["prepared_images", "tag_scores", "tag_table", "textual_inversion", "evaluation_grid", "evaluation_metrics",
+            "evaluation_report"]
     found = {key: result.get_requested_partitions(AssetKey(key)) for key in keys}
     return {key: partitions for key, partitions in found.items() if partitions}
 

@@ -93,7 +93,7 @@ def test_a_bad_model_folder_fails_before_any_image(few, tmp_path) -> None:
 
 
 def test_blip_captions_reach_the_caption_table_and_filewords(few, embedded_root) -> None:
-    from assets.textual_inversion import training_examples
+    from assets.textual_inversion import training_examples, validation_examples
 
     defs, paths, _ = few
     folder = paths.dataset_dir(DATASET)
@@ -111,7 +111,8 @@ def test_blip_captions_reach_the_caption_table_and_filewords(few, embedded_root)
         captions = pd.read_parquet(tables / "captions.parquet").set_index("image")
         assert captions["blip_caption"].to_dict() == blip.to_dict()
         assert all(row.caption == ", ".join([row.blip_caption, *row.tags]) for row in captions.itertuples())
-        filewords = {example.image_path.name: example.filewords for example in training_examples(paths, DATASET)}
+        examples = [*training_examples(paths, DATASET), *validation_examples(paths, DATASET)]
+        filewords = {example.image_path.name: example.filewords for example in examples}
         assert filewords == captions["caption"].to_dict()
 
         run(defs, instance, "tag_scores")
