@@ -11,6 +11,8 @@ import sys
 import pandas as pd
 from dagster import DagsterInstance
 
+from assets.evaluation_grid import METHOD
+from assets.evaluation_grid import STAGE as GRID_STAGE
 from assets.evaluation_metrics import METRICS_TABLE
 from assets.evaluation_report import report_path
 from assets.partitions import datasets_partitions
@@ -39,11 +41,11 @@ def main() -> int:
 
     paths = defs.resources["paths"]
     run = json.loads((paths.output_dir(DATASET, "textual_inversion") / "training_run.json").read_text())
-    grids = sorted(paths.output_dir(DATASET, "evaluation_grid").glob("*grid*.png"))
+    grid = paths.output_dir(DATASET, GRID_STAGE) / f"{run['name']}_{METHOD}_grid.png"
     print("\nembedding files:")
     for kind in ("webui_pt", "diffusers"):
         print(f"  {kind:10s} {run['files'][kind]}")
-    print(f"evaluation grid:\n  {grids[0] if grids else '(missing)'}")
+    print(f"evaluation grid:\n  {grid if grid.is_file() else '(missing)'}")
     metrics_file = paths.output_dir(DATASET, "evaluation_metrics") / METRICS_TABLE
     if metrics_file.is_file():
         metrics = pd.read_parquet(metrics_file)
