@@ -11,10 +11,10 @@ captions are random word salad; what matters is that they are exactly what the m
 from __future__ import annotations
 
 import string
-import tempfile
 from pathlib import Path
 
 from embedded.corpus import WORDS
+from embedded.staging import staged_folder
 
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 DECODER_START = "[DEC]"  # BLIP's bos token: the text decoder starts every caption with it
@@ -38,7 +38,7 @@ def build_tiny_blip(out_dir: Path, *, seed: int = 0) -> Path:
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     out_dir = Path(out_dir)
-    if out_dir.exists():
+    if out_dir.exists():  # checked before the model is built, not only when it would be renamed into place
         raise FileExistsError(f"{out_dir} already exists; remove it to rebuild the tiny BLIP model")
     vocab = wordpiece_vocabulary()
     tokenizer = BertTokenizer(vocab=vocab, bos_token=DECODER_START, model_max_length=64)
@@ -56,10 +56,7 @@ def build_tiny_blip(out_dir: Path, *, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(config).eval()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".tiny-blip.", dir=out_dir.parent) as tmp:
-        staging = Path(tmp) / "model"
+    with staged_folder(out_dir, "tiny BLIP model") as staging:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
-        staging.rename(out_dir)
     return out_dir

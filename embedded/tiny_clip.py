@@ -11,8 +11,9 @@ hidden states of both are identical until the aesthetic optimisation moves the c
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
+
+from embedded.staging import staged_folder
 
 IMAGE_SIDE = 32
 PATCH = 8
@@ -34,11 +35,7 @@ def build_tiny_clip(out_dir: Path, *, seed: int = 0) -> Path:
     from embedded.tiny_sd import _text_encoder, write_tokenizer
 
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} already exists; remove it to rebuild the tiny CLIP model")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".tiny-clip.", dir=out_dir.parent) as tmp:
-        staging = Path(tmp) / "model"
+    with staged_folder(out_dir, "tiny CLIP model") as staging:
         write_tokenizer(staging)
         tokenizer = CLIPTokenizer.from_pretrained(staging, local_files_only=True)
         torch.manual_seed(seed)  # the seed tiny-sd builds its text encoder with
@@ -60,5 +57,4 @@ def build_tiny_clip(out_dir: Path, *, seed: int = 0) -> Path:
         )
         processor.save_pretrained(staging)
         # Our hand-written tokenizer files stay the source of truth (written before, never re-serialised).
-        staging.rename(out_dir)
     return out_dir

@@ -9,7 +9,6 @@ only with very few channels, and a CLIP BPE tokenizer whose vocab/merges files w
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from embedded.corpus import WORDS as _CORPUS
+from embedded.staging import staged_folder
 from training.clip_tokenizer_files import BOS, EOS, base_tokens, write_tokenizer_files
 
 
@@ -113,11 +113,7 @@ def _sd15_scheduler() -> PNDMScheduler:
 def build_tiny_sd(out_dir: Path, *, seed: int = 0) -> Path:
     """Build the model into `out_dir` (atomically: a half-built folder is never left at that path)."""
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} already exists; remove it to rebuild the tiny model")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".tiny-sd.", dir=out_dir.parent) as tmp:
-        staging = Path(tmp) / "model"
+    with staged_folder(out_dir, "tiny model") as staging:
         write_tokenizer(staging / "tokenizer")
         tokenizer = CLIPTokenizer.from_pretrained(staging / "tokenizer", local_files_only=True)
         torch.manual_seed(seed)
@@ -140,5 +136,4 @@ def build_tiny_sd(out_dir: Path, *, seed: int = 0) -> Path:
         # Our hand-written tokenizer files are the source of truth; keep them rather than re-serialised ones.
         shutil.rmtree(staging / "tokenizer")
         write_tokenizer(staging / "tokenizer")
-        staging.rename(out_dir)
     return out_dir
