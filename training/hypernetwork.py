@@ -229,7 +229,7 @@ class Hypernetwork:
         self.layers: dict[int, tuple[HypernetworkModule, HypernetworkModule]] = {
             int(size): (self._module(int(size)), self._module(int(size))) for size in enable_sizes
         }
-        self.eval()
+        self.frozen()
 
     def _module(self, size: int, state_dict: Mapping[str, torch.Tensor] | None = None) -> HypernetworkModule:
         return HypernetworkModule(
@@ -257,7 +257,8 @@ class Hypernetwork:
             module.requires_grad_(mode)
         return self
 
-    def eval(self) -> Hypernetwork:
+    def frozen(self) -> Hypernetwork:
+        """Eval mode (multiplier applies, dropout off) without gradients: how it is applied at generation time."""
         return self.train(False)
 
     def to(self, device: torch.device | str) -> Hypernetwork:
@@ -383,7 +384,7 @@ def _from_file_dict(path: Path, data: object) -> Hypernetwork:
                 raise
             raise HypernetworkFileError(f"{path}: width {size} does not match its settings ({error})") from error
     hypernetwork.layers = layers
-    hypernetwork.eval()
+    hypernetwork.frozen()
     step = data.get("step", 0)
     hypernetwork.step = int(step) if isinstance(step, int) else 0
     hypernetwork.sd_checkpoint = _setting(path, data, "sd_checkpoint", None, str)

@@ -133,7 +133,7 @@ def test_gradients_reach_only_the_hypernetwork(tiny_base: BaseModel):
         assert all(gradient.abs().sum() > 0 for gradient in gradients)
         assert all(parameter.grad is None for parameter in tiny_base.unet.parameters())
     finally:
-        hypernetwork.eval()
+        hypernetwork.frozen()
 
 
 def test_a_hypernetwork_on_another_device_is_refused_before_anything_changes(tiny_base: BaseModel):
