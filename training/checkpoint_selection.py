@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-METRIC_COLUMNS = ("training_loss", "validation_loss", "clip_image_similarity", "clip_text_similarity")
 # Checkpoints whose validation loss is within this fraction of the lowest are "as good"; CLIP then decides.
 BEST_TOLERANCE = 0.05
 
