@@ -1,0 +1,420 @@
+"""LoRA: low-rank adapters on the UNet's attention projections (and optionally the text encoder's), through peft.
+
+Why peft's layers and our own removal: peft wraps each target `nn.Linear` in a LoRA layer that keeps the
+original module as its `base_layer`; putting that very object back on exit restores the shared base model
+bit for bit (it is cached and reused by other assets), where merging or diffusers' unload would have to be
+trusted to leave no trace. Initialisation draws from a seeded generator, never torch's global one, so a seed
+gives the same adapters.
+
+Files: the kohya format (`lora_unet_<module path, dots as underscores>.lora_down.weight`/`.lora_up.weight`/
+`.alpha`, `lora_te_text_model_...` for the text encoder, `ss_*` metadata) that the webui, ComfyUI and kohya
+sd-scripts load, and the diffusers format (`pytorch_lora_weights.safetensors`), written by diffusers' own
+`save_lora_weights`. A module path is always the transformers-4 spelling (`text_model.encoder.layers...`),
+which every loader accepts; transformers 5 dropped the `text_model` level, so it is added and removed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from common.atomic import atomic_path
+from training.prompt_encoding import encode_input_ids
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+ADAPTER = "lora"  # the peft adapter name of our own injections
+KOHYA_UNET_PREFIX = "lora_unet"
+KOHYA_TEXT_ENCODER_PREFIX = "lora_te"
+TEXT_MODEL = "text_model."  # the transformers-4 level every LoRA file names text-encoder modules under
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+# Conditioning of at most this many distinct prompts is kept while the text encoder is frozen (SD 1.x:
+# 77 x 768 floats, 236 KB each, so about 120 MB).
+PROMPT_CACHE_SIZE = 512
+
+
+class LoraFileError(ValueError):
+    """A LoRA file that cannot be read or does not fit the model; the message names the file and why."""
+
+
+@dataclass(frozen=True)
+class LoraShape:
+    """Rank, alpha (the update is scaled by alpha / rank, as in kohya and peft) and dropout of every adapter."""
+
+    rank: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be a positive number, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One adapted module: update = up @ down * alpha / rank."""
+
+    down: torch.Tensor  # (rank, in_features)
+    up: torch.Tensor  # (out_features, rank)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+@dataclass
+class LoraWeights:
+    """Adapters by module path (UNet paths as diffusers names them; text-encoder paths under `text_model.`)."""
+
+    unet: dict[str, LoraPair] = field(default_factory=dict)
+    text_encoder: dict[str, LoraPair] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every weight under a stable name: what the data version and equality checks hash."""
+        out = {}
+        for part, pairs in (("unet", self.unet), ("text_encoder", self.text_encoder)):
+            for path, pair in sorted(pairs.items()):
+                out[f"{part}.{path}.down"] = pair.down
+                out[f"{part}.{path}.up"] = pair.up
+                out[f"{part}.{path}.alpha"] = torch.tensor(float(pair.alpha))
+        return out
+
+
+def canonical_text_encoder_path(path: str) -> str:
+    return path if path.startswith(TEXT_MODEL) else TEXT_MODEL + path
+
+
+def _model_path(model: torch.nn.Module, canonical: str) -> str:
+    """A canonical text-encoder path as this model names it (transformers 5 has no text_model level)."""
+    if canonical.startswith(TEXT_MODEL) and not hasattr(model, "text_model"):
+        return canonical[len(TEXT_MODEL) :]
+    return canonical
+
+
+# --- injection and removal ---------------------------------------------------------------------------------
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def _init_down(weight: torch.Tensor, generator: torch.Generator) -> None:
+    """kaiming_uniform_(a=sqrt(5)) as kohya and peft initialise lora_down, i.e. U(-1/sqrt(in), 1/sqrt(in)),
+    drawn from `generator` so a seed gives the same adapters."""
+    bound = 1.0 / math.sqrt(weight.shape[1])
+    values = (torch.rand(weight.shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
+    weight.data.copy_(values.to(device=weight.device, dtype=weight.dtype))
+
+
+def _remove(model: torch.nn.Module, requires_grad: Mapping[str, bool], had_config: bool) -> None:
+    """Put every wrapped module's base layer back and undo what injection changed on the model."""
+    for name in sorted(lora_layers(model), key=len, reverse=True):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, model.get_submodule(name).get_base_layer())
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(requires_grad.get(name, False))
+    if not had_config and "peft_config" in model.__dict__:
+        del model.peft_config
+
+
+@contextlib.contextmanager
+def lora_injected(
+    model: torch.nn.Module,
+    targets: Sequence[str],
+    shapes: Mapping[str, LoraShape] | LoraShape,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Iterator[dict[str, LoraLayer]]:
+    """`model` with LoRA adapters on `targets` (module-name suffixes) inside the block; afterwards exactly the
+    model it was (same module objects, same tensors, same requires_grad), even on error.
+
+    `shapes` is one shape for all, or one per full module name (a loaded file's per-module ranks). The
+    adapters are float32 (`dtype`) whatever the model's precision, so their optimizer state stays exact;
+    lora_up starts at zero, lora_down from `generator` (zeros without one: a loader fills them).
+    """
+    if lora_layers(model):
+        raise ValueError(f"{type(model).__name__} already carries LoRA layers; remove them first")
+    requires_grad = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    had_config = "peft_config" in model.__dict__
+    if isinstance(shapes, LoraShape):
+        default, ranks, alphas = shapes, {}, {}
+    else:
+        if not shapes:
+            raise ValueError("no modules to adapt")
+        default = next(iter(shapes.values()))
+        ranks = {re.escape(name): shape.rank for name, shape in shapes.items()}
+        alphas = {re.escape(name): shape.alpha for name, shape in shapes.items()}
+    config = LoraConfig(
+        r=default.rank, lora_alpha=default.alpha, lora_dropout=default.dropout, target_modules=list(targets),
+        rank_pattern=ranks, alpha_pattern=alphas, init_lora_weights=True,
+    )  # fmt: skip
+    try:
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+        layers = lora_layers(model)
+        if not layers:
+            raise ValueError(f"no module of {type(model).__name__} matches the LoRA targets {', '.join(targets)}")
+        for layer in layers.values():
+            layer.lora_A[ADAPTER].to(dtype)
+            layer.lora_B[ADAPTER].to(dtype)
+            torch.nn.init.zeros_(layer.lora_B[ADAPTER].weight)
+            if generator is not None:
+                _init_down(layer.lora_A[ADAPTER].weight, generator)
+            else:
+                torch.nn.init.zeros_(layer.lora_A[ADAPTER].weight)
+        yield layers
+    finally:
+        _remove(model, requires_grad, had_config)
+
+
+def set_strength(layers: Mapping[str, LoraLayer], strength: float) -> None:
+    """The kohya/webui multiplier: scaling = strength * alpha / rank."""
+    for layer in layers.values():
+        layer.set_scale(ADAPTER, strength)
+
+
+def collect_weights(
+    unet_layers: Mapping[str, LoraLayer], text_encoder_layers: Mapping[str, LoraLayer] = {}
+) -> LoraWeights:
+    """Float32 CPU copies of the adapters, under canonical module paths."""
+
+    def pairs(layers: Mapping[str, LoraLayer], rename) -> dict[str, LoraPair]:
+        return {
+            rename(name): LoraPair(
+                down=layer.lora_A[ADAPTER].weight.detach().to("cpu", torch.float32).clone(),
+                up=layer.lora_B[ADAPTER].weight.detach().to("cpu", torch.float32).clone(),
+                alpha=float(layer.lora_alpha[ADAPTER]),
+            )
+            for name, layer in layers.items()
+        }
+
+    return LoraWeights(unet=pairs(unet_layers, str), text_encoder=pairs(text_encoder_layers, canonical_text_encoder_path))
+
+
+@contextlib.contextmanager
+def lora_applied(
+    unet: torch.nn.Module, text_encoder: torch.nn.Module, weights: LoraWeights, strength: float = 1.0
+) -> Iterator[dict[str, LoraLayer]]:
+    """Our own loader: `weights` on the models at `strength` inside the block, removed bit-exactly after."""
+    with contextlib.ExitStack() as stack:
+        layers: dict[str, LoraLayer] = {}
+        for model, pairs, part in ((unet, weights.unet, "unet"), (text_encoder, weights.text_encoder, "text_encoder")):
+            if not pairs:
+                continue
+            named = {_model_path(model, path): pair for path, pair in pairs.items()}
+            modules = dict(model.named_modules())
+            missing = sorted(set(named) - set(modules))
+            if missing:
+                raise LoraFileError(f"LoRA modules not in the {part}: {', '.join(missing[:5])}")
+            shapes = {name: LoraShape(pair.rank, pair.alpha) for name, pair in named.items()}
+            injected = stack.enter_context(lora_injected(model, list(named), shapes, dtype=model.dtype))
+            for name, pair in named.items():
+                layer = injected[name]
+                _copy_checked(layer.lora_A[ADAPTER].weight, pair.down, f"{part} {name} lora_down")
+                _copy_checked(layer.lora_B[ADAPTER].weight, pair.up, f"{part} {name} lora_up")
+                layer.requires_grad_(False)
+            layers.update({f"{part}.{name}": layer for name, layer in injected.items()})
+        set_strength(layers, strength)
+        yield layers
+
+
+def _copy_checked(target: torch.Tensor, value: torch.Tensor, what: str) -> None:
+    if tuple(target.shape) != tuple(value.shape):
+        raise LoraFileError(f"{what}: shape {tuple(value.shape)} does not fit the model's {tuple(target.shape)}")
+    with torch.no_grad():
+        target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+# --- the kohya format ----------------------------------------------------------------------------------------
+
+
+def kohya_name(prefix: str, path: str) -> str:
+    """kohya sd-scripts' module name: prefix + "." + module path, every "." then replaced by "_"."""
+    return f"{prefix}.{path}".replace(".", "_")
+
+
+def kohya_state_dict(weights: LoraWeights) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for prefix, pairs in ((KOHYA_TEXT_ENCODER_PREFIX, weights.text_encoder), (KOHYA_UNET_PREFIX, weights.unet)):
+        for path, pair in sorted(pairs.items()):
+            name = kohya_name(prefix, path)
+            state[f"{name}.lora_down.weight"] = pair.down.contiguous()
+            state[f"{name}.lora_up.weight"] = pair.up.contiguous()
+            state[f"{name}.alpha"] = torch.tensor(float(pair.alpha), dtype=torch.float32)
+    return state
+
+
+def save_kohya(path: str | os.PathLike[str], weights: LoraWeights, metadata: Mapping[str, str]) -> Path:
+    """The webui/ComfyUI/kohya file, written atomically; metadata values must be strings (safetensors')."""
+    bad = [key for key, value in metadata.items() if not isinstance(value, str)]
+    if bad:
+        raise TypeError(f"safetensors metadata must be strings: {', '.join(bad)}")
+    with atomic_path(path) as tmp:
+        save_file(kohya_state_dict(weights), tmp, metadata=dict(metadata))
+    return Path(path)
+
+
+def _module_names(model: torch.nn.Module | None, prefix: str, canonical) -> dict[str, str]:
+    """kohya name -> canonical module path, for every module of `model` (so underscores inside names such
+    as `down_blocks` or `to_out` are resolved against the real model, as kohya's own loader does)."""
+    if model is None:
+        return {}
+    return {kohya_name(prefix, canonical(name)): canonical(name) for name, _ in model.named_modules() if name}
+
+
+def read_kohya(
+    path: str | os.PathLike[str], unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None
+) -> tuple[LoraWeights, dict[str, str]]:
+    """A kohya LoRA file as module paths of these models, and its metadata. A file without `.alpha` keys
+    (old kohya) gets alpha = rank, as kohya and the webui assume."""
+    path = Path(path)
+    try:
+        state = load_file(path)
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (OSError, SafetensorError, ValueError) as error:
+        raise LoraFileError(f"{path}: not a readable safetensors file ({error})") from error
+    names = {
+        KOHYA_UNET_PREFIX: _module_names(unet, KOHYA_UNET_PREFIX, str),
+        KOHYA_TEXT_ENCODER_PREFIX: _module_names(text_encoder, KOHYA_TEXT_ENCODER_PREFIX, canonical_text_encoder_path),
+    }
+    weights = LoraWeights()
+    downs = sorted(key for key in state if key.endswith(".lora_down.weight"))
+    if not downs:
+        raise LoraFileError(f"{path}: no lora_down weights; not a kohya LoRA file")
+    used = set()
+    for key in downs:
+        name = key[: -len(".lora_down.weight")]
+        prefix = KOHYA_UNET_PREFIX if name.startswith(KOHYA_UNET_PREFIX + "_") else KOHYA_TEXT_ENCODER_PREFIX
+        if not name.startswith(prefix + "_"):
+            raise LoraFileError(f"{path}: {key}: neither {KOHYA_UNET_PREFIX}_ nor {KOHYA_TEXT_ENCODER_PREFIX}_")
+        module = names[prefix].get(name)
+        if module is None:
+            raise LoraFileError(f"{path}: {name} names no module of this model's {'UNet' if prefix == KOHYA_UNET_PREFIX else 'text encoder'}")
+        up_key, alpha_key = f"{name}.lora_up.weight", f"{name}.alpha"
+        if up_key not in state:
+            raise LoraFileError(f"{path}: {key} has no {up_key}")
+        down, up = state[key].float(), state[up_key].float()
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise LoraFileError(
+                f"{path}: {name}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} are not a linear pair"
+            )
+        alpha = float(state[alpha_key]) if alpha_key in state else float(down.shape[0])
+        target = weights.unet if prefix == KOHYA_UNET_PREFIX else weights.text_encoder
+        target[module] = LoraPair(down, up, alpha)
+        used |= {key, up_key, alpha_key}
+    extra = sorted(set(state) - used)
+    if extra:
+        raise LoraFileError(f"{path}: unsupported keys (not plain linear LoRA): {', '.join(extra[:5])}")
+    return weights, dict(metadata)
+
+
+# --- the diffusers format -----------------------------------------------------------------------------------
+
+
+def _peft_state(pairs: Mapping[str, LoraPair]) -> dict[str, torch.Tensor]:
+    state = {}
+    for path, pair in sorted(pairs.items()):
+        state[f"{path}.lora_A.weight"] = pair.down.contiguous()
+        state[f"{path}.lora_B.weight"] = pair.up.contiguous()
+    return state
+
+
+def _adapter_metadata(pairs: Mapping[str, LoraPair], targets: Sequence[str]) -> dict | None:
+    """The LoraConfig diffusers stores beside the weights, so a loader knows alpha (it is not in the keys)."""
+    if not pairs:
+        return None
+    first = next(iter(pairs.values()))
+    ranks = {path: pair.rank for path, pair in pairs.items() if pair.rank != first.rank}
+    alphas = {path: pair.alpha for path, pair in pairs.items() if pair.alpha != first.alpha}
+    config = LoraConfig(
+        r=first.rank, lora_alpha=first.alpha, target_modules=list(targets), rank_pattern=ranks, alpha_pattern=alphas
+    )
+    return config.to_dict()
+
+
+def save_diffusers(path: str | os.PathLike[str], weights: LoraWeights) -> Path:
+    """`pytorch_lora_weights.safetensors` as diffusers' LoRA training scripts write it:
+    `convert_state_dict_to_diffusers` of the peft state dict, through `StableDiffusionPipeline.save_lora_weights`
+    with the adapter configs (rank, alpha) as metadata. Written in a temporary folder, then renamed into place."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    unet_state = convert_state_dict_to_diffusers(_peft_state(weights.unet)) if weights.unet else None
+    te_state = convert_state_dict_to_diffusers(_peft_state(weights.text_encoder)) if weights.text_encoder else None
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as folder:
+        StableDiffusionPipeline.save_lora_weights(
+            folder,
+            unet_lora_layers=unet_state,
+            text_encoder_lora_layers=te_state,
+            weight_name=path.name,
+            unet_lora_adapter_metadata=_adapter_metadata(weights.unet, UNET_TARGETS),
+            text_encoder_lora_adapter_metadata=_adapter_metadata(weights.text_encoder, TEXT_ENCODER_TARGETS),
+        )
+        os.replace(Path(folder) / path.name, path)
+    return path
+
+
+# --- prompts ------------------------------------------------------------------------------------------------
+
+
+class PromptEncoder:
+    """(B, 77, hidden) conditioning for prompt strings, tokenized as diffusers' pipelines do (truncated to 77).
+
+    With a frozen text encoder (`cache=True`) each distinct prompt is encoded once, without gradients, and kept
+    (the most recent PROMPT_CACHE_SIZE): captions repeat every epoch, so most steps skip the text encoder.
+    """
+
+    def __init__(self, tokenizer, text_encoder: torch.nn.Module, clip_skip: int, *, cache: bool) -> None:
+        self.tokenizer, self.text_encoder, self.clip_skip = tokenizer, text_encoder, clip_skip
+        self.cache: OrderedDict[str, torch.Tensor] | None = OrderedDict() if cache else None
+        self.hits = 0
+
+    def _encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        input_ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids  # fmt: skip
+        return encode_input_ids(self.text_encoder, input_ids, self.clip_skip)
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        if self.cache is None:
+            return self._encode(prompts)
+        missing = list(dict.fromkeys(prompt for prompt in prompts if prompt not in self.cache))
+        self.hits += len(prompts) - len(missing)
+        if missing:
+            with torch.no_grad():
+                encoded = self._encode(missing)
+            for prompt, row in zip(missing, encoded):
+                self.cache[prompt] = row
+        for prompt in prompts:
+            self.cache.move_to_end(prompt)
+        rows = [self.cache[prompt] for prompt in prompts]
+        while len(self.cache) > PROMPT_CACHE_SIZE:
+            self.cache.popitem(last=False)
+        return torch.stack(rows)
