@@ -16,6 +16,7 @@ which every loader accepts; transformers 5 dropped the `text_model` level, so it
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -215,7 +216,7 @@ def collect_weights(
 
 
 @contextlib.contextmanager
-def lora_applied(
+def lora_weights_applied(
     unet: torch.nn.Module, text_encoder: torch.nn.Module, weights: LoraWeights, strength: float = 1.0
 ) -> Iterator[dict[str, LoraLayer]]:
     """Our own loader: `weights` on the models at `strength` inside the block, removed bit-exactly after."""
@@ -418,3 +419,74 @@ class PromptEncoder:
         while len(self.cache) > PROMPT_CACHE_SIZE:
             self.cache.popitem(last=False)
         return torch.stack(rows)
+
+
+# --- kohya metadata -----------------------------------------------------------------------------------------
+
+
+def base_model_version(unet: torch.nn.Module) -> str:
+    """kohya's ss_base_model_version: SD 2.x has a 1024-wide cross attention, SD 1.x (and tiny-sd) not."""
+    return "sd_v2" if int(unet.config.cross_attention_dim) == 1024 else "sd_v1"
+
+
+def tag_frequency(captions: Sequence[str], folder: str) -> dict[str, dict[str, int]]:
+    """kohya's ss_tag_frequency: {image folder: {tag: images carrying it}}, tags as the captions spell them."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in dict.fromkeys(tag.strip() for tag in caption.split(",") if tag.strip()):
+            counts[tag] = counts.get(tag, 0) + 1
+    return {folder: dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))}
+
+
+@dataclass(frozen=True)
+class KohyaRunInfo:
+    """What a kohya file's `ss_*` metadata tells the webui's and kohya's LoRA browsers about the run."""
+
+    output_name: str
+    shape: LoraShape
+    base_model_version: str
+    base_model_name: str
+    base_model_hash: str
+    started_at: float  # unix time
+    steps: int
+    max_steps: int
+    learning_rate: str  # the schedule as given
+    unet_lr: float
+    text_encoder_lr: float
+    resolution: int
+    num_train_images: int
+    batch_size: int
+    seed: int
+    clip_skip: int
+    tag_frequency: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, str]:
+        values = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": self.shape.rank,
+            "ss_network_alpha": _number(self.shape.alpha),
+            "ss_network_dropout": _number(self.shape.dropout),
+            "ss_base_model_version": self.base_model_version,
+            "ss_v2": self.base_model_version == "sd_v2",
+            "ss_sd_model_name": self.base_model_name,
+            "ss_sd_model_hash": self.base_model_hash,
+            "ss_output_name": self.output_name,
+            "ss_training_started_at": self.started_at,
+            "ss_steps": self.steps,
+            "ss_max_train_steps": self.max_steps,
+            "ss_learning_rate": self.learning_rate,
+            "ss_unet_lr": _number(self.unet_lr),
+            "ss_text_encoder_lr": _number(self.text_encoder_lr),
+            "ss_network_train_unet_only": self.text_encoder_lr == 0,
+            "ss_resolution": f"({self.resolution}, {self.resolution})",
+            "ss_num_train_images": self.num_train_images,
+            "ss_batch_size_per_device": self.batch_size,
+            "ss_seed": self.seed,
+            "ss_clip_skip": self.clip_skip,
+            "ss_tag_frequency": json.dumps(self.tag_frequency, ensure_ascii=False),
+        }
+        return {key: str(value) for key, value in values.items()}
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
