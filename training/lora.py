@@ -21,10 +21,12 @@ import math
 import os
 import re
 import tempfile
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
@@ -33,7 +35,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from common.atomic import atomic_path
+from training.base_model import BaseModel
+from training.lr_schedule import parse_schedule
 from training.prompt_encoding import encode_input_ids
+from training.training_loop import LoopResult, LoopSettings, TrainingExample, TrainingMethod, run_training
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -490,3 +495,174 @@ class KohyaRunInfo:
 
 def _number(value: float) -> str:
     return f"{value:g}"
+
+
+# --- training through the shared loop -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraTraining:
+    """What a LoRA run adds to the loop's settings.
+
+    Rates: `unet_lr` and `text_encoder_lr` are absolute rates for the schedule's first segment (kohya's
+    meaning); the loop's schedule (`learning_rate`) shapes them, so "1e-4:500, 5e-5" with text_encoder_lr 5e-5
+    trains the text encoder at 5e-5, then 2.5e-5. They are passed to the loop as `lr_scale` = rate / first
+    scheduled rate. `unet_lr` None: the schedule's own rates. `text_encoder_lr` 0: no text-encoder adapters.
+    """
+
+    shape: LoraShape = field(default_factory=LoraShape)
+    unet_lr: float | None = None
+    text_encoder_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.unet_lr is not None and not (math.isfinite(self.unet_lr) and self.unet_lr > 0):
+            raise ValueError(f"unet_lr must be a positive number, got {self.unet_lr}")
+        if not (math.isfinite(self.text_encoder_lr) and self.text_encoder_lr >= 0):
+            raise ValueError(f"text_encoder_lr must be 0 (frozen) or positive, got {self.text_encoder_lr}")
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.text_encoder_lr > 0
+
+
+class LoraMethod(TrainingMethod):
+    """LoRA adapters trained through the shared loop; the base model is back to its exact self after the run."""
+
+    label = "LoRA"
+
+    def __init__(
+        self, base: BaseModel, settings: LoopSettings, lora: LoraTraining, *, tag_frequency: Mapping | None = None,
+        num_train_images: int = 0,
+    ) -> None:  # fmt: skip
+        self.base, self.settings, self.lora = base, settings, lora
+        self.first_rate = parse_schedule(settings.learning_rate, settings.max_steps).rate_at(1)
+        self.encoder = PromptEncoder(base.tokenizer, base.text_encoder, settings.clip_skip,
+                                     cache=not lora.trains_text_encoder)  # fmt: skip
+        self.unet_layers: dict[str, LoraLayer] = {}
+        self.text_encoder_layers: dict[str, LoraLayer] = {}
+        self.tag_frequency = dict(tag_frequency or {})
+        self.num_train_images = num_train_images
+        self.started_at = time.time()
+
+    @contextlib.contextmanager
+    def trained_unet(self, unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Adapters on the shared UNet (and text encoder) for the run; the base model exactly as it was after.
+
+        peft's dropout draws from torch's global generator: the run gets its own stream of it (seeded with the
+        run's seed, saved with the state, and the caller's stream put back afterwards), so dropout runs are
+        reproducible and resume exactly too.
+        """
+        generator = torch.Generator(device="cpu").manual_seed(self.settings.seed)  # the adapters' initialisation
+        devices = [self.base.device.index or 0] if self.base.device.type == "cuda" else []
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=devices, device_type=self.base.device.type))
+            torch.manual_seed(self.settings.seed)
+            shape = self.lora.shape
+            self.unet_layers = stack.enter_context(lora_injected(unet, UNET_TARGETS, shape, generator=generator))
+            if self.lora.trains_text_encoder:
+                self.text_encoder_layers = stack.enter_context(
+                    lora_injected(self.base.text_encoder, TEXT_ENCODER_TARGETS, shape, generator=generator)
+                )
+            try:
+                yield unet
+            finally:
+                self.unet_layers, self.text_encoder_layers = {}, {}
+
+    def _adapters(self, layers: Mapping[str, LoraLayer]) -> list[torch.nn.Parameter]:
+        return [p for layer in layers.values() for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)]
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        unet_rate = self.lora.unet_lr if self.lora.unet_lr is not None else self.first_rate
+        groups = [{"params": self._adapters(self.unet_layers), "lr_scale": unet_rate / self.first_rate}]
+        if self.text_encoder_layers:
+            groups.append({"params": self._adapters(self.text_encoder_layers),
+                           "lr_scale": self.lora.text_encoder_lr / self.first_rate})  # fmt: skip
+        return groups
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.encoder(prompts)
+
+    def train_modules(self) -> list[torch.nn.Module]:
+        return [*self.unet_layers.values(), *self.text_encoder_layers.values()]
+
+    def weights(self) -> LoraWeights:
+        return collect_weights(self.unet_layers, self.text_encoder_layers)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = self.weights().tensors()
+        tensors["rng.cpu"] = torch.get_rng_state()  # dropout's stream (bytes, exact as float32)
+        if self.base.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.base.device)
+        return tensors
+
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.weights().tensors().values())
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for part, layers, rename in (("unet", self.unet_layers, str),
+                                     ("text_encoder", self.text_encoder_layers, canonical_text_encoder_path)):  # fmt: skip
+            for name, layer in layers.items():
+                key = f"{part}.{rename(name)}"
+                _copy_checked(layer.lora_A[ADAPTER].weight, tensors[f"{key}.down"], f"saved state {key}")
+                _copy_checked(layer.lora_B[ADAPTER].weight, tensors[f"{key}.up"], f"saved state {key}")
+        torch.set_rng_state(tensors["rng.cpu"].to(torch.uint8))
+        if "rng.cuda" in tensors and self.base.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"].to(torch.uint8), self.base.device)
+
+    def run_identity(self) -> dict[str, Any]:
+        return {"lora": {"rank": self.lora.shape.rank, "alpha": self.lora.shape.alpha,
+                         "dropout": self.lora.shape.dropout, "unet_lr": self.lora.unet_lr,
+                         "text_encoder_lr": self.lora.text_encoder_lr, "unet_targets": list(UNET_TARGETS),
+                         "text_encoder_targets": list(TEXT_ENCODER_TARGETS)}}  # fmt: skip
+
+    def run_info(self, step: int) -> KohyaRunInfo:
+        unet_rate = self.lora.unet_lr if self.lora.unet_lr is not None else self.first_rate
+        return KohyaRunInfo(
+            output_name=self.settings.name, shape=self.lora.shape, base_model_version=base_model_version(self.base.unet),
+            base_model_name=self.base.name, base_model_hash=self.base.short_hash, started_at=self.started_at,
+            steps=step, max_steps=self.settings.max_steps, learning_rate=self.settings.learning_rate,
+            unet_lr=unet_rate, text_encoder_lr=self.lora.text_encoder_lr, resolution=self.base.resolution,
+            num_train_images=self.num_train_images, batch_size=self.settings.batch_size, seed=self.settings.seed,
+            clip_skip=self.settings.clip_skip, tag_frequency=self.tag_frequency,
+        )  # fmt: skip
+
+    def checkpoint_files(self, out_dir: Path, step: int) -> dict[str, Path]:
+        return {f"checkpoint_{step}_kohya": Path(out_dir) / "checkpoints" / f"{self.settings.name}-{step}.safetensors"}
+
+    def save_checkpoint(self, out_dir: Path, step: int, optimizer: torch.optim.Optimizer) -> dict[str, Path]:
+        files = self.checkpoint_files(out_dir, step)
+        for path in files.values():
+            save_kohya(path, self.weights(), self.run_info(step).metadata())
+        return files
+
+    def save_final(self, out_dir: Path, step: int) -> dict[str, Path]:
+        """`<name>.safetensors` (kohya) and `diffusers/pytorch_lora_weights.safetensors`."""
+        weights = self.weights()
+        return {
+            "kohya": save_kohya(Path(out_dir) / f"{self.settings.name}.safetensors", weights, self.run_info(step).metadata()),
+            "diffusers": save_diffusers(Path(out_dir) / "diffusers" / DIFFUSERS_FILE, weights),
+        }
+
+
+@dataclass
+class LoraResult:
+    loop: LoopResult
+    weights: LoraWeights  # the final adapters (float32, CPU)
+
+
+def train_lora(
+    base: BaseModel, examples: Sequence[TrainingExample], settings: LoopSettings, lora: LoraTraining,
+    out_dir: Path, **loop_options: Any,
+) -> LoraResult:  # fmt: skip
+    """Train LoRA adapters through the shared loop (resume, NaN guard, validation, previews, loss curve) and
+    write the kohya and diffusers files; `loop_options` go to `run_training` (progress, latent_cache, ...)."""
+    method = LoraMethod(base, settings, lora, num_train_images=len(examples),
+                        tag_frequency=tag_frequency([e.filewords for e in examples], f"1_{settings.name}"))  # fmt: skip
+    final: dict[str, LoraWeights] = {}
+
+    def save_final(step: int, optimizer: torch.optim.Optimizer) -> dict[str, Path]:
+        final["weights"] = method.weights()
+        return method.save_final(out_dir, step)
+
+    result = run_training(base, examples, settings, method, out_dir, save_final=save_final, **loop_options)
+    return LoraResult(loop=result, weights=final["weights"])
