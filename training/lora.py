@@ -16,6 +16,7 @@ which every loader accepts; transformers 5 dropped the `text_model` level, so it
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -96,6 +97,14 @@ class LoraWeights:
 
     unet: dict[str, LoraPair] = field(default_factory=dict)
     text_encoder: dict[str, LoraPair] = field(default_factory=dict)
+
+    def digest(self) -> str:
+        """sha256 of every name and weight: the data version of a trained LoRA."""
+        hasher = hashlib.sha256()
+        for name, tensor in self.tensors().items():
+            hasher.update(name.encode("utf-8"))
+            hasher.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return hasher.hexdigest()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every weight under a stable name: what the data version and equality checks hash."""
@@ -645,9 +654,10 @@ class LoraMethod(TrainingMethod):
 
 
 @dataclass
-class LoraResult:
-    loop: LoopResult
-    weights: LoraWeights  # the final adapters (float32, CPU)
+class LoraResult(LoopResult):
+    """The loop's result (files include "kohya" and "diffusers") and the final adapters."""
+
+    weights: LoraWeights = field(default_factory=LoraWeights)  # float32, CPU
 
 
 def train_lora(
@@ -665,4 +675,4 @@ def train_lora(
         return method.save_final(out_dir, step)
 
     result = run_training(base, examples, settings, method, out_dir, save_final=save_final, **loop_options)
-    return LoraResult(loop=result, weights=final["weights"])
+    return LoraResult(**vars(result), weights=final["weights"])

@@ -27,18 +27,18 @@ def test_the_loss_falls_against_an_untrained_control(tiny_base: BaseModel, subje
     prompts, so the step-by-step difference is what training the adapters did (single-step losses are
     dominated by their random timestep)."""
     snapshot = _snapshot(tiny_base)
-    run = loop_settings(learning_rate="2e-2", max_steps=60, batch_size=4)
+    run = loop_settings(learning_rate="2e-2", max_steps=30, batch_size=2)
     lora = LoraTraining(LoraShape(rank=4, alpha=4.0))
     trained = train_lora(tiny_base, subject_examples, run, lora, tmp_path / "trained")
     control = train_lora(tiny_base, subject_examples, dataclasses.replace(run, learning_rate="1e-12"), lora,
                          tmp_path / "control")  # fmt: skip
     _assert_restored(tiny_base, snapshot)
-    trained_losses, control_losses = np.array(trained.loop.losses), np.array(control.loop.losses)
+    trained_losses, control_losses = np.array(trained.losses), np.array(control.losses)
     assert trained_losses[0] == control_losses[0]  # lora_up starts at zero: the first step is the base model's
-    improvement = control_losses[-20:] - trained_losses[-20:]
-    assert improvement.mean() > 0.01
-    assert (improvement > 0).mean() >= 0.75
-    files = trained.loop.files
+    improvement = control_losses[-10:] - trained_losses[-10:]  # measured: 0.23 on average, every step better
+    assert improvement.mean() > 0.05
+    assert (improvement > 0).mean() >= 0.8
+    files = trained.files
     for key in ("kohya", "diffusers", "loss_csv", "loss_png"):
         assert files[key].is_file(), key
     assert files["kohya"] == tmp_path / "trained" / "sks.safetensors"
@@ -46,7 +46,7 @@ def test_the_loss_falls_against_an_untrained_control(tiny_base: BaseModel, subje
     with safe_open(files["kohya"], framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_dim"] == "4"
-    assert metadata["ss_steps"] == "60" and metadata["ss_num_train_images"] == str(len(subject_examples))
+    assert metadata["ss_steps"] == "30" and metadata["ss_num_train_images"] == str(len(subject_examples))
     assert metadata["ss_output_name"] == "sks" and metadata["ss_text_encoder_lr"] == "0"
     loaded, _ = read_kohya(files["kohya"], tiny_base.unet, tiny_base.text_encoder)
     assert all(torch.equal(loaded.tensors()[k], v) for k, v in trained.weights.tensors().items())
@@ -61,10 +61,10 @@ def test_text_encoder_rates_and_cached_prompts(tiny_base: BaseModel, subject_exa
                        tmp_path / "te")  # fmt: skip
     assert rates.weights.text_encoder and rates.weights.unet
     assert any(not torch.equal(pair.up, torch.zeros_like(pair.up)) for pair in rates.weights.text_encoder.values())
-    with safe_open(rates.loop.files["kohya"], framework="pt") as handle:
+    with safe_open(rates.files["kohya"], framework="pt") as handle:
         assert any(key.startswith("lora_te_text_model_encoder_layers_") for key in handle.keys())
         assert handle.metadata()["ss_unet_lr"] == "0.002" and handle.metadata()["ss_text_encoder_lr"] == "0.0001"
-    groups = rates.loop.optimizer.param_groups
+    groups = rates.optimizer.param_groups
     assert [group["lr"] for group in groups] == pytest.approx([1e-3, 5e-5])  # the last step's rate, scaled per group
 
 
@@ -80,11 +80,11 @@ def test_a_stopped_run_resumes_to_the_same_adapters(tiny_base: BaseModel, subjec
     _assert_restored(tiny_base, snapshot)  # interrupted: the shared model is still handed back untouched
     assert (tmp_path / "stopped" / "checkpoints" / "sks-4.safetensors").is_file()
     resumed = train_lora(tiny_base, examples, run, lora, tmp_path / "stopped")
-    assert resumed.loop.resumed_from == 4
-    assert resumed.loop.losses == whole.loop.losses
+    assert resumed.resumed_from == 4
+    assert resumed.losses == whole.losses
     assert all(torch.equal(resumed.weights.tensors()[k], v) for k, v in whole.weights.tensors().items())
-    assert sorted(resumed.loop.files) == sorted(whole.loop.files)
-    assert {"checkpoint_2_kohya", "checkpoint_4_kohya", "checkpoint_6_kohya"} <= set(whole.loop.files)
+    assert sorted(resumed.files) == sorted(whole.files)
+    assert {"checkpoint_2_kohya", "checkpoint_4_kohya", "checkpoint_6_kohya"} <= set(whole.files)
     with lora_weights_applied(tiny_base.unet, tiny_base.text_encoder, whole.weights):
         pass
     _assert_restored(tiny_base, snapshot)
