@@ -5,9 +5,8 @@ Only for datasets that list `lora` in `training.methods`; for the others it reco
 """
 
 import resource
-from collections.abc import Iterator
 
-from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 
 from assets.dataset_settings import LoraSettings, TrainingSettings
 from assets.metadata import settings_for
@@ -28,7 +27,7 @@ from assets.partitions import datasets_partitions
 from assets.placement import gpu_step
 from assets.prepared_images import prepared_images
 from assets.tag_table import tag_table
-from assets.textual_inversion import training_examples, validation_examples
+from assets.textual_inversion import training_inputs
 from resources import BaseModelResource, ProjectPaths, TorchDevice
 from training.lora import LoraResult, LoraShape, LoraTraining, train_lora
 from training.training_loop import LoopSettings
@@ -75,16 +74,12 @@ def peak_rss_mb() -> float:
 )
 def lora(
     context: AssetExecutionContext, paths: ProjectPaths, base_model: BaseModelResource, device: TorchDevice
-) -> Iterator[MaterializeResult]:
+) -> MaterializeResult:
     dataset = context.partition_key
     settings = settings_for(paths, dataset)
     if not method_listed(context, settings, dataset, STAGE):
-        yield not_trained(settings, dataset, STAGE, check_names(CHECKS))
-        return
-    examples = training_examples(paths, dataset)
-    if not examples:
-        raise Failure(description=f"dataset {dataset!r} has no prepared images to train on", allow_retries=False)
-    held_out = validation_examples(paths, dataset)
+        return not_trained(settings, dataset, STAGE, check_names(CHECKS))
+    examples, held_out = training_inputs(paths, dataset)
     loop = settings_or_failure(lambda: lora_loop_settings(settings.training, settings.lora, dataset), dataset,
                                "training/lora")
     method = settings_or_failure(lambda: lora_training(settings.lora), dataset, "lora")
@@ -123,7 +118,7 @@ def lora(
         "diffusers": MetadataValue.path(files["diffusers"]),
     }
     finite = all(bool(t.isfinite().all()) for t in tensors.values())
-    yield MaterializeResult(
+    return MaterializeResult(
         metadata=metadata,
         data_version=DataVersion(result.weights.digest()),
         check_results=loss_check_results(result, settings.training, loop.save_every, FINITE_CHECK, finite),

@@ -23,7 +23,6 @@ import os
 import re
 import tempfile
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from common.atomic import atomic_path
 from training.base_model import BaseModel
 from training.lr_schedule import parse_schedule
-from training.prompt_encoding import encode_input_ids
+from training.prompt_encoding import CachedPromptEncoder, encode_input_ids
 from training.training_loop import LoopResult, LoopSettings, TrainingExample, TrainingMethod, run_training
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -48,9 +47,6 @@ KOHYA_UNET_PREFIX = "lora_unet"
 KOHYA_TEXT_ENCODER_PREFIX = "lora_te"
 TEXT_MODEL = "text_model."  # the transformers-4 level every LoRA file names text-encoder modules under
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-# Conditioning of at most this many distinct prompts is kept while the text encoder is frozen (SD 1.x:
-# 77 x 768 floats, 236 KB each, so about 120 MB).
-PROMPT_CACHE_SIZE = 512
 
 
 class LoraFileError(ValueError):
@@ -395,46 +391,6 @@ def save_diffusers(path: str | os.PathLike[str], weights: LoraWeights) -> Path:
     return path
 
 
-# --- prompts ------------------------------------------------------------------------------------------------
-
-
-class PromptEncoder:
-    """(B, 77, hidden) conditioning for prompt strings, tokenized as diffusers' pipelines do (truncated to 77).
-
-    With a frozen text encoder (`cache=True`) each distinct prompt is encoded once, without gradients, and kept
-    (the most recent PROMPT_CACHE_SIZE): captions repeat every epoch, so most steps skip the text encoder.
-    """
-
-    def __init__(self, tokenizer, text_encoder: torch.nn.Module, clip_skip: int, *, cache: bool) -> None:
-        self.tokenizer, self.text_encoder, self.clip_skip = tokenizer, text_encoder, clip_skip
-        self.cache: OrderedDict[str, torch.Tensor] | None = OrderedDict() if cache else None
-        self.hits = 0
-
-    def _encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        input_ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids  # fmt: skip
-        return encode_input_ids(self.text_encoder, input_ids, self.clip_skip)
-
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
-        if self.cache is None:
-            return self._encode(prompts)
-        missing = list(dict.fromkeys(prompt for prompt in prompts if prompt not in self.cache))
-        self.hits += len(prompts) - len(missing)
-        if missing:
-            with torch.no_grad():
-                encoded = self._encode(missing)
-            for prompt, row in zip(missing, encoded):
-                self.cache[prompt] = row
-        for prompt in prompts:
-            self.cache.move_to_end(prompt)
-        rows = [self.cache[prompt] for prompt in prompts]
-        while len(self.cache) > PROMPT_CACHE_SIZE:
-            self.cache.popitem(last=False)
-        return torch.stack(rows)
-
-
 # --- kohya metadata -----------------------------------------------------------------------------------------
 
 
@@ -545,8 +501,9 @@ class LoraMethod(TrainingMethod):
     ) -> None:  # fmt: skip
         self.base, self.settings, self.lora = base, settings, lora
         self.first_rate = parse_schedule(settings.learning_rate, settings.max_steps).rate_at(1)
-        self.encoder = PromptEncoder(base.tokenizer, base.text_encoder, settings.clip_skip,
-                                     cache=not lora.trains_text_encoder)  # fmt: skip
+        # A frozen text encoder gives each prompt the same conditioning all run: encoded once, then cached.
+        self.cached = None if lora.trains_text_encoder else CachedPromptEncoder(
+            base.tokenizer, base.text_encoder, settings.clip_skip)  # fmt: skip
         self.unet_layers: dict[str, LoraLayer] = {}
         self.text_encoder_layers: dict[str, LoraLayer] = {}
         self.tag_frequency = dict(tag_frequency or {})
@@ -589,7 +546,12 @@ class LoraMethod(TrainingMethod):
         return groups
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        return self.encoder(prompts)
+        if self.cached is not None:
+            return self.cached(prompts)
+        tokenizer = self.base.tokenizer
+        input_ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        return encode_input_ids(self.base.text_encoder, input_ids, self.settings.clip_skip)
 
     def train_modules(self) -> list[torch.nn.Module]:
         return [*self.unet_layers.values(), *self.text_encoder_layers.values()]

@@ -18,7 +18,6 @@ from training.lora import (
     LoraFileError,
     LoraShape,
     LoraWeights,
-    PromptEncoder,
     collect_weights,
     lora_injected,
     lora_weights_applied,
@@ -213,20 +212,6 @@ def test_bad_kohya_files_fail_naming_the_file(tiny_base: BaseModel, tmp_path: Pa
         with lora_weights_applied(tiny_base.unet, tiny_base.text_encoder, loaded):
             pass
     _assert_restored(tiny_base, snapshot)
-
-
-def test_cached_prompt_encoding_equals_direct_encoding(tiny_base: BaseModel):
-    direct = PromptEncoder(tiny_base.tokenizer, tiny_base.text_encoder, clip_skip=2, cache=False)
-    cached = PromptEncoder(tiny_base.tokenizer, tiny_base.text_encoder, clip_skip=2, cache=True)
-    prompts = ["a photo of sks", "sks, red", "a photo of sks"]
-    with torch.no_grad():
-        expected = direct(prompts)
-    first = cached(prompts)
-    second = cached(list(reversed(prompts)))
-    assert torch.equal(first, expected)
-    assert torch.equal(second, expected.flip(0))
-    assert cached.hits == 4 and len(cached.cache) == 2  # the repeat within the batch, then all three
-    assert not first.requires_grad
 
 
 def test_shape_validation_and_tag_frequency():

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from tests.training.conftest import stop_after
 from tests.training.test_lora import _assert_restored, _snapshot
 from training.base_model import BaseModel
-from training.lora import LoraShape, LoraTraining, lora_weights_applied, read_kohya, train_lora
+from training.lora import LoraMethod, LoraShape, LoraTraining, lora_weights_applied, read_kohya, train_lora
 from training.training_loop import LoopSettings
 
 
@@ -66,6 +66,18 @@ def test_text_encoder_rates_and_cached_prompts(tiny_base: BaseModel, subject_exa
         assert handle.metadata()["ss_unet_lr"] == "0.002" and handle.metadata()["ss_text_encoder_lr"] == "0.0001"
     groups = rates.optimizer.param_groups
     assert [group["lr"] for group in groups] == pytest.approx([1e-3, 5e-5])  # the last step's rate, scaled per group
+
+
+def test_frozen_text_encoder_prompts_come_from_the_cache(tiny_base: BaseModel) -> None:
+    prompts = ["a photo of sks", "sks, red", "a photo of sks"]
+    frozen = LoraMethod(tiny_base, loop_settings(), LoraTraining())
+    with frozen.trained_unet(tiny_base.unet):
+        first = frozen.encode(prompts)
+        assert torch.equal(frozen.encode(prompts[::-1]), first.flip(0))
+    assert frozen.cached.encoded == 2 and not first.requires_grad  # each distinct prompt encoded once
+    trained = LoraMethod(tiny_base, loop_settings(), LoraTraining(text_encoder_lr=1e-4))
+    with trained.trained_unet(tiny_base.unet):
+        assert trained.cached is None and trained.encode(prompts).requires_grad  # through the te adapters
 
 
 def test_a_stopped_run_resumes_to_the_same_adapters(tiny_base: BaseModel, subject_examples, tmp_path: Path) -> None:
