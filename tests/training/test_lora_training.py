@@ -29,8 +29,9 @@ def test_the_loss_falls_against_an_untrained_control(tiny_base: BaseModel, subje
     snapshot = _snapshot(tiny_base)
     run = loop_settings(learning_rate="2e-2", max_steps=30, batch_size=2)
     lora = LoraTraining(LoraShape(rank=4, alpha=4.0))
-    trained = train_lora(tiny_base, subject_examples, run, lora, tmp_path / "trained")
-    control = train_lora(tiny_base, subject_examples, dataclasses.replace(run, learning_rate="1e-12"), lora,
+    examples = subject_examples[:8]
+    trained = train_lora(tiny_base, examples, run, lora, tmp_path / "trained")
+    control = train_lora(tiny_base, examples, dataclasses.replace(run, learning_rate="1e-12"), lora,
                          tmp_path / "control")  # fmt: skip
     _assert_restored(tiny_base, snapshot)
     trained_losses, control_losses = np.array(trained.losses), np.array(control.losses)
@@ -46,7 +47,7 @@ def test_the_loss_falls_against_an_untrained_control(tiny_base: BaseModel, subje
     with safe_open(files["kohya"], framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_dim"] == "4"
-    assert metadata["ss_steps"] == "30" and metadata["ss_num_train_images"] == str(len(subject_examples))
+    assert metadata["ss_steps"] == "30" and metadata["ss_num_train_images"] == "8"
     assert metadata["ss_output_name"] == "sks" and metadata["ss_text_encoder_lr"] == "0"
     loaded, _ = read_kohya(files["kohya"], tiny_base.unet, tiny_base.text_encoder)
     assert all(torch.equal(loaded.tensors()[k], v) for k, v in trained.weights.tensors().items())
