@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from dagster import Failure
 from pydantic import ValidationError
@@ -34,3 +37,44 @@ def test_bad_lora_settings_fail_naming_the_key() -> None:
     with pytest.raises(Failure, match="lora section: .*learning rate"):
         settings_or_failure(lambda: lora_loop_settings(TrainingSettings(), LoraSettings(learning_rate="fast"), "demo"),
                             "demo", "lora")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_asset_trains_a_listed_dataset_and_records_an_unlisted_one(project) -> None:
+    """The asset invoked directly on the prepared demo dataset (the lead wires it into the jobs)."""
+    from dagster import build_asset_context, instance_for_test
+    from safetensors import safe_open
+
+    from assets.lora import lora
+    from assets.partitions import datasets_partitions
+    from resources import BaseModelResource, TorchDevice
+    from tests.helpers import edit_settings
+    from tests.test_graph import DATASET, run_job
+
+    defs, paths = project
+    resources = {"paths": paths, "base_model": defs.resources["base_model"], "device": TorchDevice(device="cpu",
+                 precision="fp32")}  # fmt: skip
+    assert isinstance(resources["base_model"], BaseModelResource)
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(datasets_partitions.name, [DATASET])
+        run_job(defs, instance, "observe_datasets", partition=None)
+        run_job(defs, instance, "prepare")
+        unlisted = lora(build_asset_context(partition_key=DATASET, instance=instance), **resources)
+        assert unlisted.metadata["trained"] is False and "does not list 'lora'" in unlisted.metadata["skipped"]
+        assert not (paths.output_dir(DATASET, "lora") / "training_run.json").exists()
+
+        edit_settings(paths.dataset_dir(DATASET), "training", methods=["lora"], max_steps=4, save_embedding_every=2,
+                      batch_size=2)  # fmt: skip
+        edit_settings(paths.dataset_dir(DATASET), "lora", learning_rate="1e-3", rank=2, alpha=1)
+        result = lora(build_asset_context(partition_key=DATASET, instance=instance), **resources)
+    out = paths.output_dir(DATASET, "lora")
+    run = json.loads((out / "training_run.json").read_text())
+    assert run["method"] == "lora" and run["steps"] == 4
+    assert {"kohya", "diffusers", "checkpoint_2_kohya", "checkpoint_4_kohya", "loss_csv"} <= set(run["files"])
+    assert Path(run["files"]["kohya"]) == out / f"{run['name']}.safetensors"
+    assert (out / "checkpoints" / f"{run['name']}-2.safetensors").is_file()
+    assert (out / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
+    with safe_open(run["files"]["kohya"], framework="pt") as handle:
+        assert handle.metadata()["ss_network_dim"] == "2" and handle.metadata()["ss_network_alpha"] == "1"
+    assert result.metadata["rank"] == 2 and result.metadata["steps"] == 4
+    assert result.data_version is not None and all(check.passed for check in result.check_results[:1])
