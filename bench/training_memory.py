@@ -51,7 +51,13 @@ def _trainers() -> dict[str, Callable]:
         settings = LoopSettings(name="myhyper", learning_rate="1e-5", template="hypernetwork", **overrides)
         return train_hypernetwork(base, examples, settings, HypernetworkOptions(), out)
 
-    return {"textual_inversion": textual_inversion, "hypernetwork": hypernetwork}
+    def lora(base, examples, overrides, out):
+        from training.lora import LoraTraining, train_lora
+
+        settings = LoopSettings(name="mylora", learning_rate="1e-4", **overrides)
+        return train_lora(base, examples, settings, LoraTraining(), out)
+
+    return {"textual_inversion": textual_inversion, "hypernetwork": hypernetwork, "lora": lora}
 
 
 def child(job: dict) -> None:
