@@ -277,10 +277,10 @@ def _mask(left: int, top: int, width: int, height: int, draw) -> np.ndarray:
 def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
     """The polygon of a shape centred at (cx, cy) with radius r, or None for the round ones."""
     if shape == "square":
-        s = 0.82 * r
+        s = 0.75 * r  # corners within 1.06 r: clear of neighbours (placement keeps 0.03 of the side between)
         return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
-    if shape == "triangle":  # centroid at the centre
-        return [(cx, cy - r), (cx + 0.95 * r, cy + 0.6 * r), (cx - 0.95 * r, cy + 0.6 * r)]
+    if shape == "triangle":  # equilateral, centroid at the centre
+        return [(cx, cy - r), (cx + 0.866 * r, cy + 0.5 * r), (cx - 0.866 * r, cy + 0.5 * r)]
     if shape == "star":
         angles = -np.pi / 2 + np.arange(10) * np.pi / 5
         radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
@@ -387,8 +387,8 @@ def _paint_character(canvas: np.ndarray, who: Character, cx: float, cy: float, r
                                     (hx + side * 0.95 * hr, hy - 0.5 * hr)], accent)
     elif who.accessory == "antenna":
         _paint_polygon(canvas, [(hx - 0.06 * hr, hy - 0.9 * hr), (hx + 0.06 * hr, hy - 0.9 * hr),
-                                (hx + 0.06 * hr, hy - 1.35 * hr), (hx - 0.06 * hr, hy - 1.35 * hr)], accent)
-        _paint_shape(canvas, "circle", hx, hy - 1.45 * hr, 0.22 * hr, accent)
+                                (hx + 0.06 * hr, hy - 1.3 * hr), (hx - 0.06 * hr, hy - 1.3 * hr)], accent)
+        _paint_shape(canvas, "circle", hx, hy - 1.35 * hr, 0.2 * hr, accent)  # top at the character's radius
     else:
         raise ValueError(f"unknown accessory {who.accessory!r} of {who.name}")
 

@@ -138,11 +138,17 @@ def tiny_wd14_module(*, seed: int = 0, side: int = 64) -> TinyWD14:
 
 def selected_tags_csv() -> str:
     """selected_tags.csv text in SmilingWolf's format: ratings first, then general, then character tags."""
+    return tags_csv([(name, category, 1000 * (len(TAG_WEIGHTS) - row))
+                     for row, (name, category, _) in enumerate(TAG_WEIGHTS)])
+
+
+def tags_csv(rows: list[tuple[str, int, int]]) -> str:
+    """selected_tags.csv text (tag_id,name,category,count) for (name, category, count) rows, in model order."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["tag_id", "name", "category", "count"])
-    for row, (name, category, _) in enumerate(TAG_WEIGHTS):
-        writer.writerow([row, name, category, 1000 * (len(TAG_WEIGHTS) - row)])
+    for row, (name, category, count) in enumerate(rows):
+        writer.writerow([row, name, category, count])
     return buffer.getvalue()
 
 
@@ -161,7 +167,8 @@ def build_tiny_wd14(out_dir: Path, *, seed: int = 0, side: int = 64, fixed_batch
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     retired = staging.with_name(f"{staging.name}.old")
     try:
-        _export(tiny_wd14_module(seed=seed, side=side), staging / "model.onnx", side=side, fixed_batch=fixed_batch)
+        export_wd14_onnx(tiny_wd14_module(seed=seed, side=side), staging / "model.onnx", side=side,
+                         fixed_batch=fixed_batch)
         (staging / "selected_tags.csv").write_text(selected_tags_csv(), encoding="utf-8")
         staging.chmod(0o755)
         if out_dir.exists():
@@ -186,7 +193,9 @@ def _refuse_foreign_content(out_dir: Path) -> None:
         )
 
 
-def _export(module: TinyWD14, target: Path, *, side: int, fixed_batch: bool) -> None:
+def export_wd14_onnx(module: nn.Module, target: Path, *, side: int, fixed_batch: bool = False) -> None:
+    """Export a module taking (N, side, side, 3) BGR 0-255 and returning sigmoid scores as a WD14 `model.onnx`
+    (SmilingWolf's input and output names, one file, a dynamic batch unless `fixed_batch`)."""
     example = torch.full((1, side, side, 3), 255.0)
     dynamic = None if fixed_batch else {"image": {0: torch.export.Dim("batch")}}
     program = torch.onnx.export(
