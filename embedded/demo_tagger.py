@@ -48,15 +48,15 @@ class TaggerSettings:
 
     seed: int = 0  # torch initialisation and batch order
     world_seed: int = TRAIN_WORLD_SEED
-    images: int = 7000
+    images: int = 8000
     sides: tuple[int, int] = (64, 128)  # each training image is rendered at a side in this range
     character_probability: float = 0.35
-    epochs: int = 5
+    epochs: int = 8
     batch_size: int = 64
     learning_rate: float = 4e-3
     weight_decay: float = 1e-4
     threads: int = 2  # fixed, because a different thread count may sum floats in a different order
-    widths: tuple[int, int, int, int] = (32, 48, 96, 128)
+    widths: tuple[int, int, int, int] = (16, 32, 64, 128)
 
 
 class DemoTaggerNet(nn.Module):
@@ -71,7 +71,7 @@ class DemoTaggerNet(nn.Module):
             return [nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU()]
 
         self.features = nn.Sequential(
-            *conv(3, a), *conv(a, a, 2), *conv(a, b), nn.MaxPool2d(2),
+            *conv(3, a), *conv(a, b, 2), *conv(b, b), nn.MaxPool2d(2),
             *conv(b, c), nn.MaxPool2d(2), *conv(c, d), *conv(d, d),
         )
         self.head = nn.Linear(2 * d, tags)
@@ -160,7 +160,7 @@ def train_tagger(
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-                running += float(loss)
+                running += float(loss.detach())
                 step += 1
                 if max_steps is not None and step >= max_steps:
                     return model.eval()
@@ -220,7 +220,7 @@ def build_demo_tagger(
 
 def main(argv: list[str]) -> int:
     out_dir = Path(argv[0]) if argv else Path(__file__).resolve().parents[1] / "models" / "demo-tagger"
-    build_demo_tagger(out_dir, log=print)
+    build_demo_tagger(out_dir, log=lambda message: print(message, flush=True))
     return 0
 
 

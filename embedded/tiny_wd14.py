@@ -196,8 +196,9 @@ def _refuse_foreign_content(out_dir: Path) -> None:
 def export_wd14_onnx(module: nn.Module, target: Path, *, side: int, fixed_batch: bool = False) -> None:
     """Export a module taking (N, side, side, 3) BGR 0-255 and returning sigmoid scores as a WD14 `model.onnx`
     (SmilingWolf's input and output names, one file, a dynamic batch unless `fixed_batch`)."""
-    example = torch.full((1, side, side, 3), 255.0)
-    dynamic = None if fixed_batch else {"image": {0: torch.export.Dim("batch")}}
+    # A dynamic batch is traced from a batch of 2: torch.export specialises dimensions of size 1.
+    example = torch.full((1 if fixed_batch else 2, side, side, 3), 255.0)
+    dynamic = None if fixed_batch else ({0: torch.export.Dim("batch")},)  # by position: any forward() arg name
     program = torch.onnx.export(
         module,
         (example,),
