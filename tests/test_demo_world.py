@@ -250,3 +250,17 @@ def test_built_tagger_tags_world_images_through_the_pipeline_loader(tmp_path: Pa
     for item, row in zip(images, scores.to_numpy()):
         for who in ALL_CHARACTERS:  # characters: named when present (0.85 threshold), never otherwise
             assert (row[names.index(who)] > 0.85) == (who in item.tags), (item.index, who)
+
+
+def test_make_models_refuses_to_replace_a_stale_folder_holding_foreign_files(tmp_path: Path) -> None:
+    from embedded import DEMO_TAGGER, build_missing
+
+    folder = tmp_path / DEMO_TAGGER
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"old")
+    (folder / "notes.txt").write_text("mine")
+    for relative in ("models/tiny-sd", "models/tiny-wd14", "models/tiny-blip", "models/tiny-clip", "datasets/demo"):
+        (tmp_path / relative).mkdir(parents=True)  # present: only the trained tagger is considered
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        build_missing(tmp_path, trained=True)
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "model.onnx").read_bytes() == b"old"
