@@ -39,7 +39,7 @@ from tagging.pixels import wd14_pixels
 TAGGER_SIDE = 64
 TRAIN_WORLD_SEED = 1000  # the training images are world 1000; the benchmark holds out world 2000
 BUILD_FILE = "build.json"  # what the folder was built from (settings + source hash), for rebuild decisions
-SOURCES = ("embedded/demo_world.py", "embedded/demo_tagger.py")
+SOURCES = ("embedded/demo_world.py", "embedded/demo_tagger.py", "tagging/pixels.py")
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,8 @@ def train_tagger(
             running = 0.0
             for batch in range(steps_per_epoch):
                 chosen = permutation[batch * settings.batch_size : (batch + 1) * settings.batch_size]
-                loss = nn.functional.binary_cross_entropy_with_logits(model.logits(to_network_input(inputs[chosen].float())), truth[chosen])
+                logits = model.logits(to_network_input(inputs[chosen].float()))
+                loss = nn.functional.binary_cross_entropy_with_logits(logits, truth[chosen])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
