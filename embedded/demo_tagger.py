@@ -33,13 +33,13 @@ from common.atomic import write_text
 from common.hashing import file_sha256, json_sha256
 from embedded.demo_world import ALL_CHARACTERS, WorldImage, vocabulary, world_images
 from embedded.staging import staged_folder
-from embedded.tiny_wd14 import export_wd14_onnx, tags_csv
+from embedded.wd14_export import export_wd14_onnx, tags_csv
 from tagging.pixels import wd14_pixels
 
 TAGGER_SIDE = 64
 TRAIN_WORLD_SEED = 1000  # the training images are world 1000; the benchmark holds out world 2000
 BUILD_FILE = "build.json"  # what the folder was built from (settings + source hash), for rebuild decisions
-SOURCES = ("embedded/demo_world.py", "embedded/demo_tagger.py", "tagging/pixels.py")
+SOURCES = ("embedded/demo_world.py", "embedded/demo_tagger.py", "embedded/wd14_export.py", "tagging/pixels.py")
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,6 @@ seed only nudges the biases slightly, to give distinct but equally meaningful mo
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import os
 import shutil
 import tempfile
@@ -23,11 +21,9 @@ import torch
 from torch import nn
 
 from embedded.demo_dataset import DEMO_CHARACTER
+from embedded.wd14_export import INPUT_NAME, export_wd14_onnx, tags_csv  # INPUT_NAME: for callers
 from tagging.categories import CHARACTER_CATEGORY, GENERAL_CATEGORY, RATING_CATEGORY
 
-INPUT_NAME = "input_1:0"  # the name SmilingWolf's v2 models use
-OUTPUT_NAME = "predictions_sigmoid"
-OPSET = 18
 FEATURES = (
     "bias", "mean_r", "mean_g", "mean_b", "luminance", "saturation", "border_std", "detail",
     "white_border", "red_dominance", "blue_dominance", "border_red_dominance", "border_green_dominance",
@@ -142,16 +138,6 @@ def selected_tags_csv() -> str:
                      for row, (name, category, _) in enumerate(TAG_WEIGHTS)])
 
 
-def tags_csv(rows: list[tuple[str, int, int]]) -> str:
-    """selected_tags.csv text (tag_id,name,category,count) for (name, category, count) rows, in model order."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["tag_id", "name", "category", "count"])
-    for row, (name, category, count) in enumerate(rows):
-        writer.writerow([row, name, category, count])
-    return buffer.getvalue()
-
-
 def build_tiny_wd14(out_dir: Path, *, seed: int = 0, side: int = 64, fixed_batch: bool = False) -> Path:
     """Write `model.onnx` + `selected_tags.csv` into `out_dir` and return it.
 
@@ -191,24 +177,3 @@ def _refuse_foreign_content(out_dir: Path) -> None:
         raise FileExistsError(
             f"{out_dir} holds files that are not a tiny WD14 build ({', '.join(foreign[:5])}); refusing to replace it"
         )
-
-
-def export_wd14_onnx(module: nn.Module, target: Path, *, side: int, fixed_batch: bool = False) -> None:
-    """Export a module taking (N, side, side, 3) BGR 0-255 and returning sigmoid scores as a WD14 `model.onnx`
-    (SmilingWolf's input and output names, one file, a dynamic batch unless `fixed_batch`)."""
-    # A dynamic batch is traced from a batch of 2: torch.export specialises dimensions of size 1.
-    example = torch.full((1 if fixed_batch else 2, side, side, 3), 255.0)
-    dynamic = None if fixed_batch else ({0: torch.export.Dim("batch")},)  # by position: any forward() arg name
-    program = torch.onnx.export(
-        module,
-        (example,),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        opset_version=OPSET,
-        dynamo=True,
-        dynamic_shapes=dynamic,
-        external_data=False,
-        optimize=True,
-        verbose=False,
-    )
-    program.save(str(target), external_data=False)

@@ -197,6 +197,8 @@ def test_export_follows_the_wd14_contract(smoke_tagger: Path) -> None:
     from tagging.wd14 import WD14Tagger
 
     assert sorted(p.name for p in smoke_tagger.iterdir()) == ["build.json", "model.onnx", "selected_tags.csv"]
+    onnx_bytes = (smoke_tagger / "model.onnx").read_bytes()  # no stack traces: the bytes do not name this checkout
+    assert b"stack_trace" not in onnx_bytes and str(Path(__file__).parents[1]).encode() not in onnx_bytes
     session = ort.InferenceSession(str(smoke_tagger / "model.onnx"), providers=["CPUExecutionProvider"])
     (model_input,), (model_output,) = session.get_inputs(), session.get_outputs()
     assert model_input.name == "input_1:0" and model_input.type == "tensor(float)"
