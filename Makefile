@@ -54,6 +54,7 @@ $(SYSTEM_STAMP): .ci/install-system-packages | $(STAMP)
 	bash .ci/install-system-packages
 	rm -f $(VENV)/.system-* && touch $(SYSTEM_STAMP)
 
+# Tiny models and the demo dataset where missing; the demo-world tagger where missing or out of date with its code.
 models: setup
 	$(PY) -m embedded
 
@@ -67,7 +68,8 @@ demo: models gpu-pool
 ui: models gpu-pool
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-test: setup $(EXTRA_STAMP) servers $(INTEGRATION_STAMP) $(SYSTEM_STAMP)
+# models: tests/test_demo_world.py checks the tags of the demo tagger that `make models` trains.
+test: setup models $(EXTRA_STAMP) servers $(INTEGRATION_STAMP) $(SYSTEM_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean-data:

@@ -13,11 +13,13 @@ TINY_WD14 = "models/tiny-wd14"
 TINY_BLIP = "models/tiny-blip"
 TINY_CLIP = "models/tiny-clip"
 DEMO_DATASET = "datasets/demo"
+DEMO_TAGGER = "models/demo-tagger"  # trained on the demo world (embedded/demo_tagger.py), not random
 
 
-def build_missing(root: Path) -> dict[str, Path]:
+def build_missing(root: Path, *, trained: bool = False) -> dict[str, Path]:
     """Build whichever of the tiny SD model, the tiny tagger, the tiny BLIP captioner, the tiny CLIP and the demo
-    dataset is not there yet."""
+    dataset is not there yet; with `trained`, also the models trained on the demo world (minutes, not seconds,
+    so test sessions leave them out), rebuilt when their build record no longer matches the code."""
     # Imported here so that importing one builder does not pull in torch, diffusers and onnx for all.
     from embedded.demo_dataset import build_demo_dataset
     from embedded.tiny_blip import build_tiny_blip
@@ -33,4 +35,25 @@ def build_missing(root: Path) -> dict[str, Path]:
         if not target.exists():
             build(target)
             built[relative] = target
+    if trained:
+        built.update(_build_stale_trained(root))
     return built
+
+
+def _build_stale_trained(root: Path) -> dict[str, Path]:
+    import shutil
+
+    from embedded.demo_tagger import BUILD_FILE, build_demo_tagger, is_current
+
+    target = root / DEMO_TAGGER
+    if is_current(target):
+        return {}
+    if target.exists():
+        ours = {"model.onnx", "selected_tags.csv", BUILD_FILE}
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in ours)
+        if foreign:
+            raise FileExistsError(f"{target} is out of date but holds files the demo tagger build did not write "
+                                  f"({', '.join(foreign[:5])}); move them away to rebuild it")
+        shutil.rmtree(target)
+    build_demo_tagger(target, log=lambda message: print(message, flush=True))
+    return {DEMO_TAGGER: target}

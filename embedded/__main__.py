@@ -1,4 +1,5 @@
-"""`python -m embedded [ROOT]`: build the embedded default models and demo dataset where missing."""
+"""`python -m embedded [ROOT]`: build the embedded default models and demo dataset where missing, and the
+models trained on the demo world where missing or out of date."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from embedded import build_missing
 
 def main(argv: list[str]) -> int:
     root = Path(argv[0]) if argv else Path(__file__).resolve().parents[1]
-    built = build_missing(root)
+    built = build_missing(root, trained=True)
     for relative, path in built.items():
         print(f"built {relative} -> {path}")
     if not built:

@@ -11,8 +11,6 @@ seed only nudges the biases slightly, to give distinct but equally meaningful mo
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import os
 import shutil
 import tempfile
@@ -23,11 +21,9 @@ import torch
 from torch import nn
 
 from embedded.demo_dataset import DEMO_CHARACTER
+from embedded.wd14_export import INPUT_NAME, export_wd14_onnx, tags_csv  # INPUT_NAME: for callers
 from tagging.categories import CHARACTER_CATEGORY, GENERAL_CATEGORY, RATING_CATEGORY
 
-INPUT_NAME = "input_1:0"  # the name SmilingWolf's v2 models use
-OUTPUT_NAME = "predictions_sigmoid"
-OPSET = 18
 FEATURES = (
     "bias", "mean_r", "mean_g", "mean_b", "luminance", "saturation", "border_std", "detail",
     "white_border", "red_dominance", "blue_dominance", "border_red_dominance", "border_green_dominance",
@@ -138,12 +134,8 @@ def tiny_wd14_module(*, seed: int = 0, side: int = 64) -> TinyWD14:
 
 def selected_tags_csv() -> str:
     """selected_tags.csv text in SmilingWolf's format: ratings first, then general, then character tags."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["tag_id", "name", "category", "count"])
-    for row, (name, category, _) in enumerate(TAG_WEIGHTS):
-        writer.writerow([row, name, category, 1000 * (len(TAG_WEIGHTS) - row)])
-    return buffer.getvalue()
+    return tags_csv([(name, category, 1000 * (len(TAG_WEIGHTS) - row))
+                     for row, (name, category, _) in enumerate(TAG_WEIGHTS)])
 
 
 def build_tiny_wd14(out_dir: Path, *, seed: int = 0, side: int = 64, fixed_batch: bool = False) -> Path:
@@ -161,7 +153,8 @@ def build_tiny_wd14(out_dir: Path, *, seed: int = 0, side: int = 64, fixed_batch
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     retired = staging.with_name(f"{staging.name}.old")
     try:
-        _export(tiny_wd14_module(seed=seed, side=side), staging / "model.onnx", side=side, fixed_batch=fixed_batch)
+        export_wd14_onnx(tiny_wd14_module(seed=seed, side=side), staging / "model.onnx", side=side,
+                         fixed_batch=fixed_batch)
         (staging / "selected_tags.csv").write_text(selected_tags_csv(), encoding="utf-8")
         staging.chmod(0o755)
         if out_dir.exists():
@@ -184,21 +177,3 @@ def _refuse_foreign_content(out_dir: Path) -> None:
         raise FileExistsError(
             f"{out_dir} holds files that are not a tiny WD14 build ({', '.join(foreign[:5])}); refusing to replace it"
         )
-
-
-def _export(module: TinyWD14, target: Path, *, side: int, fixed_batch: bool) -> None:
-    example = torch.full((1, side, side, 3), 255.0)
-    dynamic = None if fixed_batch else {"image": {0: torch.export.Dim("batch")}}
-    program = torch.onnx.export(
-        module,
-        (example,),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        opset_version=OPSET,
-        dynamo=True,
-        dynamic_shapes=dynamic,
-        external_data=False,
-        optimize=True,
-        verbose=False,
-    )
-    program.save(str(target), external_data=False)
