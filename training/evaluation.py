@@ -102,8 +102,10 @@ def render_conditioned(
     seed: int,
     steps: int,
     cfg_scale: float,
+    size: int | None = None,
 ) -> Image.Image:
-    """One image from ready conditioning, its noise from its own CPU generator (never torch's global one)."""
+    """One image from ready conditioning, its noise from its own CPU generator (never torch's global one);
+    `size` x `size` pixels, or the model's own resolution when None."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     result = pipeline(
         prompt_embeds=conditioning,
@@ -112,6 +114,8 @@ def render_conditioned(
         guidance_scale=cfg_scale,
         generator=generator,
         output_type="pil",
+        height=size,
+        width=size,
     )
     return result.images[0]
 
