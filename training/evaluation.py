@@ -32,6 +32,7 @@ from training.base_model import BaseModel
 from training.embedding_formats import read_embedding
 from training.prompt_encoding import check_clip_skip, encode_input_ids
 from training.templates import render_prompt
+from training.weight_swap import swapped_weights
 from training.xyz_grid import CellSpec, Checkpoint, GridPlan, draw_grid, fixed_legend
 
 SAMPLERS = {
@@ -148,8 +149,19 @@ def textual_inversion_applied(
         pipeline.text_encoder.requires_grad_(False)  # unloading installs a fresh, trainable token table
 
 
+@contextmanager
+def dreambooth_applied(
+    pipeline: StableDiffusionPipeline, checkpoint: Checkpoint, strength: float, clip_skip: int
+) -> Iterator[Encoder]:
+    """The fine-tuned UNet (and text encoder) of a DreamBooth single file swapped into the pipeline; strength
+    is a linear blend of the weights (1: the fine-tune, 0: the base model, 0.5: halfway); restored afterwards."""
+    with swapped_weights(pipeline.unet, pipeline.text_encoder, checkpoint.path, strength):
+        yield lambda prompt: prompt_embeddings(pipeline, prompt, clip_skip)
+
+
 METHOD_APPLIERS: dict[str, Callable[..., AbstractContextManager[Encoder]]] = {
     "textual_inversion": textual_inversion_applied,
+    "dreambooth": dreambooth_applied,
 }
 
 
