@@ -276,11 +276,14 @@ class DreamBoothSettings(_Section):
                                      "class looks like (diffusers: --with_prior_preservation)")
     prior_loss_weight: float = Field(1.0, ge=0, description="weight of the class images' loss")
     train_text_encoder: bool = Field(False, description="fine-tune the text encoder too (more memory)")
-    text_encoder_lr: str | None = Field(None, description="the text encoder's rate or schedule; default: learning_rate")
+    text_encoder_lr: float | None = Field(None, gt=0, description="the text encoder's rate (scaled along the UNet's "
+                                          "schedule); default: the UNet's")
     learning_rate: str = Field("5e-6", description="the UNet's rate or a webui schedule (overrides training's)")
     max_steps: int = Field(400, ge=1, description="optimizer steps (overrides training.max_steps)")
+    optimizer: Literal["auto", "adamw", "adamw8bit"] = Field("auto", description="auto: 8-bit AdamW when "
+                                                             "bitsandbytes works on the device, else AdamW")
 
-    @field_validator("learning_rate", "text_encoder_lr", mode="before")
+    @field_validator("learning_rate", mode="before")
     @classmethod
     def _rate_as_text(cls, value: object) -> object:
         return rate_as_text(value)

@@ -16,7 +16,7 @@ loss = MSE(instance) + prior_loss_weight * MSE(class).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,11 +29,14 @@ from transformers import CLIPTextModel
 
 from common.atomic import atomic_folder
 from common.hashing import file_sha256
+from training.acceleration import autocast
 from training.base_model import BaseModel
 from training.clip_tokenizer_files import write_tokenizer_of
 from training.diffusion_objective import noise_scheduler, prediction_target
 from training.latent_cache import latent_distributions, sample_latents
+from training.prompt_encoding import encode_input_ids
 from training.single_file import save_single_file
+from training.training_loop import Batch, LoopResult, LoopSettings, TrainingExample, TrainingMethod, run_training
 
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -98,3 +101,156 @@ def class_latents(
             f"{tuple(instance_shape)}: generate the class images at the training resolution"
         )
     return mean, std, encoded
+
+
+class DreamBoothMethod(TrainingMethod):
+    """The loop's hooks for DreamBooth: a trainable copy of the UNet (and of the text encoder when trained),
+    the prior-preservation loss, and single-file checkpoints plus a diffusers folder at the end."""
+
+    label = "dreambooth"
+
+    def __init__(
+        self,
+        base: BaseModel,
+        settings: LoopSettings,
+        options: DreamBoothOptions,
+        class_images: Sequence[Path] = (),
+        latent_cache: Path | None = None,
+    ) -> None:
+        if options.uses_class_images and not class_images:
+            raise ValueError("prior preservation needs class images: materialize class_images for this dataset first")
+        self.base, self.settings, self.options = base, settings, options
+        self.class_images = [Path(path) for path in class_images] if options.uses_class_images else []
+        self.latent_cache = latent_cache
+        self.scheduler = noise_scheduler(base)
+        self.unet: UNet2DConditionModel | None = None  # the trainable copy, while and after the run
+        self.text_encoder = trainable_copy(base.text_encoder) if options.train_text_encoder else base.text_encoder
+        self.class_encoded = 0  # class images the VAE encoded (latent cache misses)
+        self._class_latents: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @contextmanager
+    def trained_unet(self, unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """A trainable deep copy: the shared base UNet is never modified (it is cached and reused)."""
+        if self.unet is None:
+            self.unet = trainable_copy(unet)
+        yield self.unet
+
+    def train_modules(self) -> list[torch.nn.Module]:
+        return [self.unet] + ([self.text_encoder] if self.options.train_text_encoder else [])
+
+    def parameter_groups(self) -> list[dict]:
+        groups: list[dict] = [{"params": [p for p in self.unet.parameters() if p.requires_grad]}]
+        if self.options.train_text_encoder:
+            groups.append({"params": list(self.text_encoder.parameters()), "lr_scale": self.options.text_encoder_lr_scale})
+        return groups
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Plain prompts through the (trained or frozen) text encoder; the instance token is an ordinary word."""
+        tokenizer = self.base.tokenizer
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.options.train_text_encoder):
+            return encode_input_ids(self.text_encoder, ids, self.settings.clip_skip)
+
+    def _class_distributions(self, instance_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._class_latents is None:
+            mean, std, self.class_encoded = class_latents(self.base, self.class_images, instance_shape, self.latent_cache)
+            self._class_latents = (mean, std)
+        return self._class_latents
+
+    def loss(self, batch: Batch, unet: torch.nn.Module) -> torch.Tensor:
+        """Instance MSE, plus prior_loss_weight x the class MSE on as many class images, in one UNet call."""
+        if not self.options.uses_class_images:
+            return super().loss(batch, unet)
+        count = len(batch.prompts)
+        mean, std = self._class_distributions(tuple(batch.latents.shape[1:]))
+        chosen = torch.randint(len(self.class_images), (count,), generator=batch.generator)
+        if self.settings.latent_sampling_method == "deterministic":
+            latents = mean[chosen]
+        else:
+            latents = sample_latents(mean[chosen], std[chosen], batch.generator)
+        noise = torch.randn(latents.shape, generator=batch.generator)
+        timesteps = torch.randint(self.scheduler.config.num_train_timesteps, (count,), generator=batch.generator)
+        latents, noise = (tensor.to(device=batch.latents.device, dtype=batch.latents.dtype) for tensor in (latents, noise))
+        timesteps = timesteps.to(batch.latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        target = prediction_target(self.scheduler, latents, noise, timesteps)
+        with autocast(batch.latents.device, batch.compute_dtype):
+            conditioning = self.encode(list(batch.prompts) + [self.options.class_prompt] * count)
+            prediction = unet(
+                torch.cat([batch.noisy, noisy]), torch.cat([batch.timesteps, timesteps]), encoder_hidden_states=conditioning
+            ).sample
+        instance, prior = prediction.float().chunk(2)
+        return F.mse_loss(instance, batch.target.float()) + self.options.prior_loss_weight * F.mse_loss(
+            prior, target.float()
+        )
+
+    def _trained(self) -> list[tuple[str, torch.nn.Module]]:
+        return [("unet", self.unet)] + ([("text_encoder", self.text_encoder)] if self.options.train_text_encoder else [])
+
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for _, module in self._trained() for p in module.parameters())
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.{key}": value.detach().to("cpu", torch.float32 if value.is_floating_point() else None).clone()
+            for name, module in self._trained() for key, value in module.state_dict().items()
+        }  # fmt: skip
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, module in self._trained():
+            prefix = f"{name}."
+            module.load_state_dict({key.removeprefix(prefix): value for key, value in tensors.items()
+                                    if key.startswith(prefix)})  # fmt: skip
+
+    def run_identity(self) -> dict:
+        """The options and the class images' content: another class set is another run."""
+        return {"dreambooth": asdict(self.options), "class_images": [file_sha256(path) for path in self.class_images]}
+
+    def checkpoint_files(self, out_dir: Path, step: int) -> dict[str, Path]:
+        """Checkpoints are the single file only: a diffusers folder per checkpoint would double the disk use."""
+        return {f"checkpoint_{step}_single_file": Path(out_dir) / CHECKPOINTS_DIR / f"{self.settings.name}-{step}.safetensors"}
+
+    def _save_single_file(self, path: Path, step: int) -> Path:
+        metadata = {"step": str(step), "base_model": self.base.short_hash, "method": "dreambooth"}
+        return save_single_file(self.unet, self.base.vae, self.text_encoder, path, metadata=metadata)
+
+    def save_checkpoint(self, out_dir: Path, step: int, optimizer: torch.optim.Optimizer) -> dict[str, Path]:
+        files = self.checkpoint_files(out_dir, step)
+        for path in files.values():
+            self._save_single_file(path, step)
+        return files
+
+    def save_final(self, out_dir: Path, step: int, optimizer: torch.optim.Optimizer) -> dict[str, Path]:
+        """`<name>/` (diffusers) and `<name>.safetensors` (original layout); the folder beside the file with the
+        same stem is also the file's config sidecar for our single-file loader."""
+        out_dir = Path(out_dir)
+        folder = save_diffusers_folder(self.base, self.unet, self.text_encoder, out_dir / self.settings.name)
+        single = self._save_single_file(out_dir / f"{self.settings.name}.safetensors", step)
+        return {"diffusers": folder, "single_file": single}
+
+
+def train_dreambooth(
+    base: BaseModel,
+    examples: Sequence[TrainingExample],
+    settings: LoopSettings,
+    options: DreamBoothOptions,
+    out_dir: Path,
+    *,
+    class_images: Sequence[Path] = (),
+    progress: Callable[[int, float], None] | None = None,
+    latent_cache: Path | None = None,
+    log: Callable[[str], None] | None = None,
+    validation_examples: Sequence[TrainingExample] = (),
+) -> tuple[LoopResult, DreamBoothMethod]:
+    """Fine-tune through the shared loop; the final `<name>/` folder and `<name>.safetensors` are written while
+    the trained UNet is in place. Returns the loop's result and the method (its `unet` is the trained copy)."""
+    method = DreamBoothMethod(base, settings, options, class_images, latent_cache)
+    result = run_training(
+        base, examples, settings, method, out_dir, progress=progress, latent_cache=latent_cache, log=log,
+        validation_examples=validation_examples,
+        save_final=lambda step, optimizer: method.save_final(out_dir, step, optimizer),
+    )  # fmt: skip
+    result.images_encoded += method.class_encoded
+    return result, method
