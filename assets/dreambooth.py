@@ -4,11 +4,14 @@ prior preservation against the `class_images` asset, written as a diffusers fold
 Skipped (not failed) for datasets that do not list dreambooth in training.methods.
 """
 
+import json
 import math
+import re
 import resource
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from dagster import (
@@ -33,7 +36,8 @@ from assets.partitions import datasets_partitions
 from assets.placement import gpu_step
 from assets.prepared_images import prepared_images
 from assets.tag_table import tag_table
-from assets.textual_inversion import training_examples, validation_examples
+from assets.textual_inversion import RUN_FILE, training_examples, validation_examples
+from common.atomic import write_text
 from common.hashing import file_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
 from training.class_images import read_class_images
@@ -44,6 +48,16 @@ from training.optimizers import available_adamw
 from training.training_loop import LoopResult, LoopSettings
 
 STAGE = "dreambooth"
+
+
+def checkpoint_steps(files: dict[str, Path]) -> dict[int, Path]:
+    """step -> single file of every checkpoint the run wrote (the final file not included)."""
+    found = {}
+    for key, path in files.items():
+        match = re.fullmatch(r"checkpoint_(\d+)_single_file", key)
+        if match:
+            found[int(match.group(1))] = Path(path)
+    return dict(sorted(found.items()))
 
 
 def dreambooth_options(settings: DatasetSettings, loop: LoopSettings, dataset: str) -> DreamBoothOptions:
@@ -187,13 +201,21 @@ def dreambooth(
         "diffusers_folder": MetadataValue.path(str(files["diffusers"])),
         "single_file": MetadataValue.path(str(files["single_file"])),
         "loss_csv": MetadataValue.path(str(files["loss_csv"])),
-        "checkpoints": MetadataValue.json(sorted(str(path) for key, path in files.items() if key.startswith("checkpoint_"))),
+        "checkpoints": MetadataValue.json({str(step): str(path) for step, path in checkpoint_steps(files).items()}),
         "loss_curve": image_md(files["loss_png"], caption="training loss and learning rate"),
     }
     if result.validations and held_out:
         metadata["validation_loss"] = result.validations[-1].validation_loss
     if base.device.type == "cuda":
         metadata["peak_cuda_memory_mib"] = torch.cuda.max_memory_allocated(base.device) / 2**20
+    # What the evaluation reads (as textual_inversion's training_run.json): every checkpoint is a single file.
+    checkpoints = {str(step): str(path) for step, path in checkpoint_steps(files).items()}
+    checkpoints[str(result.steps)] = str(files["single_file"])
+    write_text(out_dir / RUN_FILE, json.dumps({
+        "name": loop.name, "steps": result.steps, "clip_skip": loop.clip_skip, "checkpoints": checkpoints,
+        "files": {key: str(path) for key, path in files.items()}, "base_model": str(base.source),
+        "sd_checkpoint": base.short_hash, "stopped_early_at": result.stopped_early_at,
+    }, indent=2))  # fmt: skip
     round_steps = loop.save_every or max(1, result.steps // 10)
     yield MaterializeResult(
         metadata=metadata,

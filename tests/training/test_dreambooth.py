@@ -113,6 +113,7 @@ def _train(tiny_base, examples, out_dir, class_images=(), settings=None, **optio
                             class_images=class_images, latent_cache=cache)
 
 
+@pytest.mark.slow
 def test_the_loss_falls_and_the_shared_unet_is_unchanged(tiny_base: BaseModel, examples, tmp_path: Path) -> None:
     """Against a control with the same draws and a negligible rate, as the textual-inversion test does: the
     per-step loss is dominated by its random timestep, the difference isolates what training did."""
@@ -128,6 +129,7 @@ def test_the_loss_falls_and_the_shared_unet_is_unchanged(tiny_base: BaseModel, e
     assert not any(p.requires_grad for p in tiny_base.unet.parameters())
 
 
+@pytest.mark.slow
 def test_prior_preservation_adds_the_class_term(tiny_base: BaseModel, examples, class_image_paths, tmp_path: Path) -> None:
     plain, _ = _train(tiny_base, examples, tmp_path / "plain", prior_preservation=False,
                       settings=loop_settings(max_steps=2))
@@ -145,6 +147,7 @@ def test_prior_preservation_adds_the_class_term(tiny_base: BaseModel, examples, 
         _train(tiny_base, examples, tmp_path / "none", ())
 
 
+@pytest.mark.slow
 def test_outputs_of_a_run_load_back(tiny_base: BaseModel, examples, class_image_paths, tmp_path: Path) -> None:
     out = tmp_path / "dreambooth"
     result, method = _train(tiny_base, examples, out, class_image_paths, train_text_encoder=True,
