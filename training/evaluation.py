@@ -30,6 +30,8 @@ from common.hashing import cached_file_sha256, json_sha256
 from training.aesthetic import AestheticGradients
 from training.base_model import BaseModel
 from training.embedding_formats import read_embedding
+from training.hypernetwork import Hypernetwork
+from training.hypernetwork_attention import apply_hypernetwork
 from training.prompt_encoding import check_clip_skip, encode_input_ids
 from training.templates import render_prompt
 from training.weight_swap import swapped_weights
@@ -150,6 +152,17 @@ def textual_inversion_applied(
 
 
 @contextmanager
+def hypernetwork_applied(
+    pipeline: StableDiffusionPipeline, checkpoint: Checkpoint, strength: float, clip_skip: int
+) -> Iterator[Encoder]:
+    """The webui hypernetwork file on the pipeline's UNet at `strength` (the webui's multiplier); prompts are
+    plain text. The UNet's processors are restored afterwards, even on error."""
+    hypernetwork = Hypernetwork.load(checkpoint.path).to(pipeline.unet.device).frozen()
+    with apply_hypernetwork(pipeline.unet, hypernetwork, strength):
+        yield lambda prompt: prompt_embeddings(pipeline, prompt, clip_skip)
+
+
+@contextmanager
 def dreambooth_applied(
     pipeline: StableDiffusionPipeline, checkpoint: Checkpoint, strength: float, clip_skip: int
 ) -> Iterator[Encoder]:
@@ -161,6 +174,7 @@ def dreambooth_applied(
 
 METHOD_APPLIERS: dict[str, Callable[..., AbstractContextManager[Encoder]]] = {
     "textual_inversion": textual_inversion_applied,
+    "hypernetwork": hypernetwork_applied,
     "dreambooth": dreambooth_applied,
 }
 
