@@ -2,11 +2,11 @@
 preservation trains against, sampled once and cached by content key (training/class_images.py).
 
 Its own asset because sampling 50-200 images is the slow part of a DreamBooth run and depends on neither the
-training images nor the training settings: retraining reuses them. Skipped (not failed) for datasets that do
-not list dreambooth in training.methods or turn prior preservation off.
+training images nor the training settings: retraining reuses them. For datasets that do not list dreambooth in
+training.methods or turn prior preservation off it renders nothing and records why (metadata `skipped`, a
+constant data version), rather than yielding no output, which would make Dagster skip `dreambooth` too.
 """
 
-from collections.abc import Iterator
 from pathlib import Path
 
 from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue, asset
@@ -24,6 +24,7 @@ from training.class_images import ClassImageSpec, generate_class_images
 STAGE = "class_images"
 METHOD = "dreambooth"
 INLINED_IMAGES = 4  # class images shown in the materialisation's metadata
+NOT_NEEDED = DataVersion("not-needed")
 
 
 def class_image_spec(settings: DatasetSettings, dataset: str) -> ClassImageSpec:
@@ -47,14 +48,15 @@ def class_images_dir(paths: ProjectPaths, dataset: str) -> Path:
     return paths.output_dir(dataset, STAGE)
 
 
-def prior_preservation_wanted(context: AssetExecutionContext, paths: ProjectPaths, dataset: str) -> bool:
-    """Whether this dataset trains DreamBooth with prior preservation; logs why not."""
-    if not method_listed(context, paths, dataset, METHOD):
-        return False
-    if not settings_for(paths, dataset).dreambooth.prior_preservation:
-        context.log.info(f"dataset {dataset!r} turns dreambooth.prior_preservation off: no class images needed")
-        return False
-    return True
+def not_needed_reason(context: AssetExecutionContext, settings: DatasetSettings, dataset: str) -> str | None:
+    """Why this dataset needs no class images (None: it does); logged."""
+    if not method_listed(context, settings, dataset, METHOD):
+        return f"dataset {dataset!r} does not train {METHOD}"
+    if not settings.dreambooth.prior_preservation or settings.dreambooth.prior_loss_weight == 0:
+        reason = f"dataset {dataset!r} turns dreambooth prior preservation off: no class images needed"
+        context.log.info(reason)
+        return reason
+    return None
 
 
 @asset(
@@ -64,18 +66,18 @@ def prior_preservation_wanted(context: AssetExecutionContext, paths: ProjectPath
     code_version="1",
     **gpu_step(),
     kinds={"pytorch"},
-    output_required=False,
     description="DreamBooth's class images: dreambooth.num_class_images pictures of dreambooth.class_prompt "
     "sampled by the base model at the training resolution, one seed each, cached by content key (only missing "
     "images are rendered). Only for datasets that list dreambooth with prior preservation. On demand.",
 )
 def class_images(
     context: AssetExecutionContext, paths: ProjectPaths, base_model: BaseModelResource, device: TorchDevice
-) -> Iterator[MaterializeResult]:
+) -> MaterializeResult:
     dataset = context.partition_key
-    if not prior_preservation_wanted(context, paths, dataset):
-        return
     settings = settings_for(paths, dataset)
+    reason = not_needed_reason(context, settings, dataset)
+    if reason is not None:
+        return MaterializeResult(metadata={"images": 0, "skipped": reason}, data_version=NOT_NEEDED)
     spec = class_image_spec(settings, dataset)
     base = base_model.load(device)
     every = max(1, spec.count // 10)
@@ -104,4 +106,4 @@ def class_images(
     for index, path in enumerate(result.paths[:INLINED_IMAGES]):
         metadata[f"class_image_{index}"] = image_md(path, max_side=256, caption=path.name)
     # Names carry the content key and the seed, so they identify the images.
-    yield MaterializeResult(metadata=metadata, data_version=DataVersion(json_sha256([p.name for p in result.paths])))
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(json_sha256([p.name for p in result.paths])))

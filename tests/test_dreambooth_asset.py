@@ -1,5 +1,5 @@
-"""`class_images` and `dreambooth` as assets on a small copy of the demo dataset: skipped when the dataset does
-not list dreambooth, class images cached across materialisations, a two-step fine-tune with its files."""
+"""`class_images` and `dreambooth` as assets on a small copy of the demo dataset: a "not trained" record when
+the dataset does not list dreambooth, class images cached across materialisations, a two-step fine-tune."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _latest(instance, key: str):
 
 
 @pytest.mark.slow
-def test_class_images_then_dreambooth_and_skipped_when_not_listed(project, embedded_root) -> None:
+def test_class_images_then_dreambooth_and_a_record_when_not_listed(project, embedded_root) -> None:
     defs, paths, folder, resources = _project(project, embedded_root)
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(datasets_partitions.name, [DATASET])
@@ -50,8 +50,10 @@ def test_class_images_then_dreambooth_and_skipped_when_not_listed(project, embed
             return materialize([class_images, dreambooth], instance=instance, partition_key=DATASET,
                                resources=resources)  # fmt: skip
 
-        assert run().success  # textual inversion only (the default): both skipped, not failed
-        assert _latest(instance, "class_images") is None and _latest(instance, "dreambooth") is None
+        assert run().success  # textual inversion only (the default): nothing trained or rendered, not failed
+        assert _latest(instance, "class_images").metadata["images"].value == 0
+        assert _latest(instance, "dreambooth").metadata["trained"].value is False
+        assert not (paths.data_root() / DATASET / "class_images").exists()
 
         edit_settings(folder, "training", methods=["textual_inversion", "dreambooth"])
         edit_settings(folder, "dreambooth", class_prompt="a photo of a character", num_class_images=2,
@@ -73,5 +75,6 @@ def test_class_images_then_dreambooth_and_skipped_when_not_listed(project, embed
 
         edit_settings(folder, "dreambooth", prior_preservation=False)
         assert run().success
-        assert _latest(instance, "class_images").metadata["reused"].value == 2  # unchanged: this run skipped it
+        assert "prior preservation off" in _latest(instance, "class_images").metadata["skipped"].value
         assert _latest(instance, "dreambooth").metadata["class_images"].value == 0
+        assert len(list((paths.data_root() / DATASET / "class_images").glob("*.png"))) == 2  # kept for later

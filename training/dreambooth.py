@@ -231,6 +231,13 @@ class DreamBoothMethod(TrainingMethod):
         return {"diffusers": folder, "single_file": single}
 
 
+@dataclass
+class DreamBoothResult(LoopResult):
+    unet: torch.nn.Module | None = None  # the trained copy
+    text_encoder: torch.nn.Module | None = None  # the trained copy, or the base model's when it was not trained
+    finite: bool = True  # no NaN/inf in the trained weights
+
+
 def train_dreambooth(
     base: BaseModel,
     examples: Sequence[TrainingExample],
@@ -243,14 +250,20 @@ def train_dreambooth(
     latent_cache: Path | None = None,
     log: Callable[[str], None] | None = None,
     validation_examples: Sequence[TrainingExample] = (),
-) -> tuple[LoopResult, DreamBoothMethod]:
-    """Fine-tune through the shared loop; the final `<name>/` folder and `<name>.safetensors` are written while
-    the trained UNet is in place. Returns the loop's result and the method (its `unet` is the trained copy)."""
+) -> DreamBoothResult:
+    """Fine-tune through the shared loop, writing `<name>/` (diffusers), `<name>.safetensors` (original layout),
+    `checkpoints/<name>-<step>.safetensors`, loss.csv and loss.png; the final files are written while the
+    trained UNet is in place."""
+    out_dir = Path(out_dir)
     method = DreamBoothMethod(base, settings, options, class_images, latent_cache)
-    result = run_training(
+    if log is not None:
+        log(f"dreambooth {settings.name!r}: {'UNet and text encoder' if options.train_text_encoder else 'UNet'}, "
+            f"{len(method.class_images)} class images of {options.class_prompt!r}"
+            if method.class_images else f"dreambooth {settings.name!r}: no prior preservation")  # fmt: skip
+    loop = run_training(
         base, examples, settings, method, out_dir, progress=progress, latent_cache=latent_cache, log=log,
         validation_examples=validation_examples,
         save_final=lambda step, optimizer: method.save_final(out_dir, step, optimizer),
     )  # fmt: skip
-    result.images_encoded += method.class_encoded
-    return result, method
+    loop.images_encoded += method.class_encoded
+    return DreamBoothResult(**vars(loop), unet=method.unet, text_encoder=method.text_encoder, finite=method.is_finite())

@@ -118,26 +118,26 @@ def test_the_loss_falls_and_the_shared_unet_is_unchanged(tiny_base: BaseModel, e
     """Against a control with the same draws and a negligible rate, as the textual-inversion test does: the
     per-step loss is dominated by its random timestep, the difference isolates what training did."""
     before = _weights(tiny_base.unet), _weights(tiny_base.text_encoder)
-    trained, method = _train(tiny_base, examples, tmp_path / "trained", prior_preservation=False)
-    control, _ = _train(tiny_base, examples, tmp_path / "control", prior_preservation=False,
+    trained = _train(tiny_base, examples, tmp_path / "trained", prior_preservation=False)
+    control = _train(tiny_base, examples, tmp_path / "control", prior_preservation=False,
                         settings=loop_settings(learning_rate="1e-12"))
     assert trained.losses[0] == control.losses[0]
     improvement = np.array(control.losses[-4:]) - np.array(trained.losses[-4:])
     assert improvement.mean() > 0 and (improvement > 0).all()
-    assert not _same(_weights(method.unet), before[0])
+    assert not _same(_weights(trained.unet), before[0]) and trained.finite
     assert _same(_weights(tiny_base.unet), before[0]) and _same(_weights(tiny_base.text_encoder), before[1])
     assert not any(p.requires_grad for p in tiny_base.unet.parameters())
 
 
 @pytest.mark.slow
 def test_prior_preservation_adds_the_class_term(tiny_base: BaseModel, examples, class_image_paths, tmp_path: Path) -> None:
-    plain, _ = _train(tiny_base, examples, tmp_path / "plain", prior_preservation=False,
+    plain = _train(tiny_base, examples, tmp_path / "plain", prior_preservation=False,
                       settings=loop_settings(max_steps=2))
-    weightless, _ = _train(tiny_base, examples, tmp_path / "zero", class_image_paths, prior_loss_weight=0.0,
+    weightless = _train(tiny_base, examples, tmp_path / "zero", class_image_paths, prior_loss_weight=0.0,
                            settings=loop_settings(max_steps=2))
-    prior, _ = _train(tiny_base, examples, tmp_path / "prior", class_image_paths,
+    prior = _train(tiny_base, examples, tmp_path / "prior", class_image_paths,
                       settings=loop_settings(max_steps=2))
-    again, _ = _train(tiny_base, examples, tmp_path / "again", class_image_paths,
+    again = _train(tiny_base, examples, tmp_path / "again", class_image_paths,
                       settings=loop_settings(max_steps=2))
     assert weightless.losses == plain.losses  # weight 0: no class term and no extra draws
     # Same instance draws at step 1; the class MSE of an untrained model on noise is about 1.
@@ -150,7 +150,7 @@ def test_prior_preservation_adds_the_class_term(tiny_base: BaseModel, examples, 
 @pytest.mark.slow
 def test_outputs_of_a_run_load_back(tiny_base: BaseModel, examples, class_image_paths, tmp_path: Path) -> None:
     out = tmp_path / "dreambooth"
-    result, method = _train(tiny_base, examples, out, class_image_paths, train_text_encoder=True,
+    result = _train(tiny_base, examples, out, class_image_paths, train_text_encoder=True,
                             text_encoder_lr_scale=0.5, settings=loop_settings(max_steps=4, save_every=2))
     files = result.files
     assert files["diffusers"] == out / "sks" and files["single_file"] == out / "sks.safetensors"
@@ -158,12 +158,28 @@ def test_outputs_of_a_run_load_back(tiny_base: BaseModel, examples, class_image_
     assert files["checkpoint_2_single_file"].is_file() and files["loss_png"].is_file()
     assert not list((out / "checkpoints").glob("*/"))  # checkpoints are light: the single file only
     folder = StableDiffusionPipeline.from_pretrained(files["diffusers"], local_files_only=True)
-    assert _same(_weights(folder.unet), _weights(method.unet))
+    assert _same(_weights(folder.unet), _weights(result.unet))
     assert not _same(_weights(folder.unet), _weights(tiny_base.unet))
     assert not _same(_weights(folder.text_encoder), _weights(tiny_base.text_encoder))
     single = load_single_file_pipeline(files["single_file"], dtype=torch.float32)
-    loaded, trained = _weights(single.unet), _weights(method.unet)
+    loaded, trained = _weights(single.unet), _weights(result.unet)
     assert all(torch.allclose(loaded[key], trained[key]) for key in trained)
     checkpoint = load_single_file_pipeline(files["checkpoint_2_single_file"], dtype=torch.float32,
                                            config_dir=files["diffusers"])
     assert not _same(_weights(checkpoint.unet), trained)
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_to_the_same_weights(tiny_base: BaseModel, examples, class_image_paths, tmp_path: Path) -> None:
+    from tests.training.conftest import stop_after
+
+    settings = loop_settings(max_steps=4, save_every=2)
+    options = DreamBoothOptions(class_prompt=CLASS_PROMPT, train_text_encoder=True)
+    whole = train_dreambooth(tiny_base, examples, settings, options, tmp_path / "whole", class_images=class_image_paths)
+    with pytest.raises(KeyboardInterrupt):
+        train_dreambooth(tiny_base, examples, settings, options, tmp_path / "cut", class_images=class_image_paths,
+                         progress=stop_after(2))
+    resumed = train_dreambooth(tiny_base, examples, settings, options, tmp_path / "cut", class_images=class_image_paths)
+    assert resumed.resumed_from == 2 and resumed.losses == whole.losses
+    assert _same(_weights(resumed.unet), _weights(whole.unet))
+    assert _same(_weights(resumed.text_encoder), _weights(whole.text_encoder))
