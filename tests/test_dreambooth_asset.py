@@ -78,3 +78,23 @@ def test_class_images_then_dreambooth_and_a_record_when_not_listed(project, embe
         assert "prior preservation off" in _latest(instance, "class_images").metadata["skipped"].value
         assert _latest(instance, "dreambooth").metadata["class_images"].value == 0
         assert len(list((paths.data_root() / DATASET / "class_images").glob("*.png"))) == 2  # kept for later
+
+
+def test_dreambooth_settings_override_the_training_section() -> None:
+    from dagster import Failure
+
+    from assets.dataset_settings import DatasetSettings
+    from assets.dreambooth import dreambooth_settings
+
+    settings = DatasetSettings.model_validate({
+        "training": {"embedding_name": "mychar", "batch_size": 3, "learning_rate": 0.005, "max_steps": 1000},
+        "dreambooth": {"class_prompt": "a photo of a dog", "learning_rate": 2e-6, "max_steps": 50,
+                       "text_encoder_lr": 1e-6, "train_text_encoder": True, "prior_loss_weight": 0.5},
+    })  # fmt: skip
+    loop, options = dreambooth_settings(settings, "dogs", "adamw")
+    assert (loop.name, loop.learning_rate, loop.max_steps, loop.batch_size) == ("mychar", "2e-06", 50, 3)
+    assert options.text_encoder_lr_scale == pytest.approx(0.5) and options.prior_loss_weight == 0.5
+    token = DatasetSettings.model_validate({"dreambooth": {"instance_token": "sks", "prior_preservation": False}})
+    assert dreambooth_settings(token, "dogs", "adamw")[0].name == "sks"
+    with pytest.raises(Failure, match="dreambooth section: prior preservation needs a class prompt"):
+        dreambooth_settings(DatasetSettings(), "dogs", "adamw")

@@ -183,3 +183,15 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_base: BaseModel, ex
     assert resumed.resumed_from == 2 and resumed.losses == whole.losses
     assert _same(_weights(resumed.unet), _weights(whole.unet))
     assert _same(_weights(resumed.text_encoder), _weights(whole.text_encoder))
+
+
+def test_auto_optimizer_is_8bit_adamw_only_where_it_runs(monkeypatch) -> None:
+    from training import optimizers
+
+    def unavailable():
+        raise optimizers.OptimizerUnavailableError("no bitsandbytes here")
+
+    monkeypatch.setattr(optimizers, "_bitsandbytes_adamw8bit", unavailable)
+    assert optimizers.available_adamw(torch.device("cpu")) == ("adamw", "no bitsandbytes here")
+    monkeypatch.setattr(optimizers, "_bitsandbytes_adamw8bit", lambda: torch.optim.AdamW)  # one that can update
+    assert optimizers.available_adamw(torch.device("cpu")) == ("adamw8bit", "")
