@@ -9,15 +9,23 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 from training.base_model import BaseModel
 from training.class_images import ClassImageSpec, generate_class_images
 from training.dreambooth import DreamBoothOptions, save_diffusers_folder, train_dreambooth, trainable_copy
-from training.evaluation import build_pipeline, dreambooth_applied, prompt_embeddings
+from training.evaluation import (
+    RenderSettings,
+    build_pipeline,
+    dreambooth_applied,
+    prompt_embeddings,
+    render_cells,
+    render_conditioned,
+)
 from training.single_file import load_single_file_pipeline, save_single_file
 from training.training_loop import LoopSettings
 from training.weight_swap import swapped_weights
-from training.xyz_grid import Checkpoint
+from training.xyz_grid import CellSpec, Checkpoint
 
 
 def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -195,3 +203,20 @@ def test_auto_optimizer_is_8bit_adamw_only_where_it_runs(monkeypatch) -> None:
     assert optimizers.available_adamw(torch.device("cpu")) == ("adamw", "no bitsandbytes here")
     monkeypatch.setattr(optimizers, "_bitsandbytes_adamw8bit", lambda: torch.optim.AdamW)  # one that can update
     assert optimizers.available_adamw(torch.device("cpu")) == ("adamw8bit", "")
+
+
+def test_grid_cells_render_the_fine_tune_and_strength_zero_is_the_base_model(tiny_base: BaseModel, perturbed, tmp_path: Path) -> None:
+    _, _, single = perturbed
+    before = _weights(tiny_base.unet)
+    pipeline = build_pipeline(tiny_base, "ddim")
+    checkpoint = Checkpoint("dreambooth", 4, single, "sks", final=True)
+    cells = [CellSpec(checkpoint, "a photo of [name]", 1, 7.0, 2, strength) for strength in (1.0, 0.0)]
+    tuned, zero = render_cells(pipeline, cells, RenderSettings(sampler="ddim"), tmp_path / "cells")
+    with torch.no_grad():
+        conditioning = prompt_embeddings(pipeline, "a photo of sks", 1)
+        negative = prompt_embeddings(pipeline, "", 1)
+    base_image = render_conditioned(pipeline, conditioning, negative, 1, 2, 7.0)
+    pixels = {name: np.asarray(Image.open(cell.cache_path)) for name, cell in (("tuned", tuned), ("zero", zero))}
+    assert np.array_equal(pixels["zero"], np.asarray(base_image))
+    assert not np.array_equal(pixels["tuned"], pixels["zero"])
+    assert _same(_weights(tiny_base.unet), before)
