@@ -36,6 +36,7 @@ from training.diffusion_objective import noise_scheduler, prediction_target
 from training.latent_cache import latent_distributions, sample_latents
 from training.prompt_encoding import encode_input_ids
 from training.single_file import save_single_file
+from training.templates import NAME_KEYWORD, render_prompt
 from training.training_loop import Batch, LoopResult, LoopSettings, TrainingExample, TrainingMethod, run_training
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -153,6 +154,23 @@ class DreamBoothMethod(TrainingMethod):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.options.train_text_encoder):
             return encode_input_ids(self.text_encoder, ids, self.settings.clip_skip)
 
+    def check_prompts(self, examples: Sequence[TrainingExample], lines: list[str]) -> None:
+        """Fail before training, naming the image, when a caption pushes the instance token past CLIP's 77 tokens
+        (it would be truncated away, and that image would train the class, not the instance)."""
+        tokenizer = self.base.tokenizer
+        token_ids = tokenizer(self.settings.name, add_special_tokens=False).input_ids
+        name_lines = [line for line in lines if NAME_KEYWORD in line]
+        for example in examples:
+            for line in name_lines:
+                prompt = render_prompt(line, self.settings.name, example.filewords)
+                ids = tokenizer(prompt, max_length=tokenizer.model_max_length, truncation=True).input_ids
+                if not _contains(ids, token_ids):
+                    raise ValueError(
+                        f"{example.image_path}: the instance token {self.settings.name!r} does not survive CLIP's "
+                        f"{tokenizer.model_max_length}-token limit in the prompt {prompt[:80]!r}...; shorten the "
+                        "caption or put [name] earlier in the template"
+                    )
+
     def _class_distributions(self, instance_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         if self._class_latents is None:
             mean, std, self.class_encoded = class_latents(self.base, self.class_images, instance_shape, self.latent_cache)
@@ -229,6 +247,10 @@ class DreamBoothMethod(TrainingMethod):
         folder = save_diffusers_folder(self.base, self.unet, self.text_encoder, out_dir / self.settings.name)
         single = self._save_single_file(out_dir / f"{self.settings.name}.safetensors", step)
         return {"diffusers": folder, "single_file": single}
+
+
+def _contains(sequence: list[int], part: list[int]) -> bool:
+    return any(sequence[start : start + len(part)] == part for start in range(len(sequence) - len(part) + 1))
 
 
 @dataclass

@@ -220,3 +220,18 @@ def test_grid_cells_render_the_fine_tune_and_strength_zero_is_the_base_model(tin
     assert np.array_equal(pixels["zero"], np.asarray(base_image))
     assert not np.array_equal(pixels["tuned"], pixels["zero"])
     assert _same(_weights(tiny_base.unet), before)
+
+
+def test_a_caption_that_truncates_the_instance_token_is_named(tiny_base: BaseModel, examples, tmp_path: Path) -> None:
+    from training.dreambooth import DreamBoothMethod
+    from training.training_loop import TrainingExample
+
+    long = TrainingExample(examples[0].image_path, ", ".join(["red"] * 90))
+    template = tmp_path / "tags_first.txt"
+    template.write_text("[filewords], a photo of [name]\n")
+    with pytest.raises(ValueError, match=r"00\.png: the instance token 'sks' does not survive"):
+        _train(tiny_base, [long, *examples[1:]], tmp_path / "long", prior_preservation=False,
+               settings=loop_settings(template=str(template), max_steps=1))
+    # With [name] before [filewords] it survives however long the caption is.
+    method = DreamBoothMethod(tiny_base, loop_settings(), DreamBoothOptions(prior_preservation=False))
+    method.check_prompts([long, *examples], ["a photo of [name], [filewords]"])
