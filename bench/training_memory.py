@@ -66,7 +66,14 @@ def _trainers() -> dict[str, Callable]:
         return train_dreambooth(base, examples, settings, DreamBoothOptions(class_prompt=spec.prompt), out,
                                 class_images=class_images)  # fmt: skip
 
-    return {"textual_inversion": textual_inversion, "hypernetwork": hypernetwork, "dreambooth": dreambooth}
+    def lora(base, examples, overrides, out):
+        from training.lora import LoraTraining, train_lora
+
+        settings = LoopSettings(name="mylora", learning_rate="1e-4", **overrides)
+        return train_lora(base, examples, settings, LoraTraining(), out)
+
+    return {"textual_inversion": textual_inversion, "hypernetwork": hypernetwork, "lora": lora,
+            "dreambooth": dreambooth}
 
 
 def child(job: dict) -> None:
