@@ -51,13 +51,29 @@ def _trainers() -> dict[str, Callable]:
         settings = LoopSettings(name="myhyper", learning_rate="1e-5", template="hypernetwork", **overrides)
         return train_hypernetwork(base, examples, settings, HypernetworkOptions(), out)
 
+    def dreambooth(base, examples, overrides, out):
+        """Prior preservation on: two class images sampled (without gradients) at the images' size first."""
+        from PIL import Image
+
+        from training.class_images import ClassImageSpec, generate_class_images
+        from training.dreambooth import DreamBoothOptions, train_dreambooth
+
+        with Image.open(examples[0].image_path) as image:
+            side = image.width
+        spec = ClassImageSpec(prompt="a photo of a round thing", size=side, count=2, steps=2, sampler="ddim")
+        class_images = generate_class_images(base, spec, Path(out) / "class_images").paths
+        settings = LoopSettings(name="sks", learning_rate="5e-6", template="subject", **overrides)
+        return train_dreambooth(base, examples, settings, DreamBoothOptions(class_prompt=spec.prompt), out,
+                                class_images=class_images)  # fmt: skip
+
     def lora(base, examples, overrides, out):
         from training.lora import LoraTraining, train_lora
 
         settings = LoopSettings(name="mylora", learning_rate="1e-4", **overrides)
         return train_lora(base, examples, settings, LoraTraining(), out)
 
-    return {"textual_inversion": textual_inversion, "hypernetwork": hypernetwork, "lora": lora}
+    return {"textual_inversion": textual_inversion, "hypernetwork": hypernetwork, "lora": lora,
+            "dreambooth": dreambooth}
 
 
 def child(job: dict) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,3 +46,28 @@ def write_parquet(target: str | os.PathLike[str], frame: "pandas.DataFrame") -> 
     with atomic_path(target) as tmp:
         frame.to_parquet(tmp, engine="pyarrow", index=False)
     return Path(target)
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty staging folder beside `target`; it replaces `target` only if the block succeeds.
+
+    A folder cannot be swapped in one rename when the target exists, so the old one is first renamed aside
+    and deleted after the new one is in place: a reader sees the old folder, then briefly none, then the
+    new one, never a half-written one.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(staging, 0o755)
+    try:
+        yield staging
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

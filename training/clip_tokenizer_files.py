@@ -52,3 +52,14 @@ def write_tokenizer_files(out_dir: Path, vocab: dict[str, int], merges: list[str
     # Written last: a folder with tokenizer_config.json is complete, so an interrupted build is redone.
     write_text(out_dir / "tokenizer_config.json", json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
     return out_dir
+
+
+def write_tokenizer_of(tokenizer: object, out_dir: Path) -> Path:
+    """A loaded CLIPTokenizer's vocabulary and merges as vocab.json/merges.txt.
+
+    Why: transformers 5 saves only tokenizer.json, and the single-file loader (training/single_file.py) and
+    older tools read the BPE files, so a saved model folder gets both.
+    """
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]  # type: ignore[attr-defined]
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
+    return write_tokenizer_files(Path(out_dir), dict(model["vocab"]), merges)

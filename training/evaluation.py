@@ -34,6 +34,7 @@ from training.hypernetwork import Hypernetwork
 from training.hypernetwork_attention import apply_hypernetwork
 from training.prompt_encoding import check_clip_skip, encode_input_ids
 from training.templates import render_prompt
+from training.weight_swap import swapped_weights
 from training.xyz_grid import CellSpec, Checkpoint, GridPlan, draw_grid, fixed_legend
 
 SAMPLERS = {
@@ -104,8 +105,10 @@ def render_conditioned(
     seed: int,
     steps: int,
     cfg_scale: float,
+    size: int | None = None,
 ) -> Image.Image:
-    """One image from ready conditioning, its noise from its own CPU generator (never torch's global one)."""
+    """One image from ready conditioning, its noise from its own CPU generator (never torch's global one);
+    `size` x `size` pixels, or the model's own resolution when None."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     result = pipeline(
         prompt_embeds=conditioning,
@@ -114,6 +117,8 @@ def render_conditioned(
         guidance_scale=cfg_scale,
         generator=generator,
         output_type="pil",
+        height=size,
+        width=size,
     )
     return result.images[0]
 
@@ -183,10 +188,21 @@ def lora_applied(
                 delattr(model, name)
 
 
+@contextmanager
+def dreambooth_applied(
+    pipeline: StableDiffusionPipeline, checkpoint: Checkpoint, strength: float, clip_skip: int
+) -> Iterator[Encoder]:
+    """The fine-tuned UNet (and text encoder) of a DreamBooth single file swapped into the pipeline; strength
+    is a linear blend of the weights (1: the fine-tune, 0: the base model, 0.5: halfway); restored afterwards."""
+    with swapped_weights(pipeline.unet, pipeline.text_encoder, checkpoint.path, strength):
+        yield lambda prompt: prompt_embeddings(pipeline, prompt, clip_skip)
+
+
 METHOD_APPLIERS: dict[str, Callable[..., AbstractContextManager[Encoder]]] = {
     "textual_inversion": textual_inversion_applied,
     "hypernetwork": hypernetwork_applied,
     "lora": lora_applied,
+    "dreambooth": dreambooth_applied,
 }
 
 

@@ -62,3 +62,16 @@ def make_optimizer(
         _probe(optimizer_class, _first_device(parameters))
         return optimizer_class(parameters, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+
+def available_adamw(device: torch.device) -> tuple[str, str]:
+    """("adamw8bit", "") when bitsandbytes' 8-bit AdamW can update a tensor on `device`, else ("adamw", why not).
+
+    For full fine-tunes (DreamBooth), where AdamW's two float32 moments per weight are most of the memory,
+    8-bit AdamW is the default wherever it works, and plain AdamW the fallback, with the reason logged.
+    """
+    try:
+        _probe(_bitsandbytes_adamw8bit(), device)
+    except OptimizerUnavailableError as error:
+        return "adamw", str(error)
+    return "adamw8bit", ""

@@ -266,12 +266,32 @@ def export_single_file(base_model_dir: Path, out_path: Path, *, dtype: torch.dty
     except (OSError, ValueError, RuntimeError) as error:
         raise SingleFileError(f"{base_model_dir}: cannot load its UNet, VAE or text encoder: {error}") from error
     try:
-        state_dict = ldm_state_dict(unet, vae, text_encoder)
+        return save_single_file(unet, vae, text_encoder, out_path)
     except ValueError as error:
         raise SingleFileError(f"{base_model_dir}: {error}") from error
-    tensors = {key: tensor.detach().contiguous() for key, tensor in state_dict.items()}
+
+
+def save_single_file(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    out_path: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Loaded SD 1.x components as one original-layout `.safetensors` file, written atomically (tensors are
+    copied to the CPU, in `dtype` when given); raises ValueError for a component that is not SD 1.x."""
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise SingleFileError(f"{out_path}: export writes .safetensors only (never pickles)")
+    state_dict = ldm_state_dict(unet, vae, text_encoder)
+    tensors = {
+        key: tensor.detach().to("cpu", dtype if dtype is not None and tensor.is_floating_point() else None).contiguous()
+        for key, tensor in state_dict.items()
+    }
     with atomic_path(out_path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
     return out_path
 
 
