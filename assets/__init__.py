@@ -1,6 +1,7 @@
 """The asset graph, one module per stage: raw inputs -> prepared images -> tags -> captions -> training -> evaluation."""
 
 from assets.aesthetic_embedding import aesthetic_embedding
+from assets.class_images import class_images
 from assets.evaluation_grid import evaluation_grid
 from assets.evaluation_metrics import evaluation_metrics
 from assets.evaluation_report import evaluation_report
@@ -12,7 +13,7 @@ from assets.textual_inversion import textual_inversion
 from assets.trained_methods import METHOD_ASSETS, TRAINED_METHODS
 
 computed_assets = [
-    prepared_images, tag_scores, tag_table, *METHOD_ASSETS, evaluation_grid, evaluation_metrics, evaluation_report,
+    prepared_images, tag_scores, tag_table, class_images, *METHOD_ASSETS, evaluation_grid, evaluation_metrics, evaluation_report,
     aesthetic_embedding,
 ]
 all_assets = [*observed_assets, *computed_assets]
@@ -21,6 +22,7 @@ __all__ = [
     "METHOD_ASSETS",
     "TRAINED_METHODS",
     "aesthetic_embedding",
+    "class_images",
     "all_assets",
     "computed_assets",
     "evaluation_grid",

@@ -10,6 +10,7 @@ from pathlib import Path
 from dagster import AssetsDefinition, Failure
 
 from assets.dataset_settings import DatasetSettings
+from assets.dreambooth import dreambooth
 from assets.hypernetwork import hypernetwork
 from assets.lora import lora
 from assets.method_training import RUN_FILE, read_run_file
@@ -30,6 +31,7 @@ TRAINED_METHODS: dict[str, TrainedMethod] = {
         TrainedMethod("textual_inversion", textual_inversion, "diffusers"),
         TrainedMethod("hypernetwork", hypernetwork, "webui_pt"),
         TrainedMethod("lora", lora, "kohya"),
+        TrainedMethod("dreambooth", dreambooth, "single_file"),
     )
 }
 METHOD_ASSETS = [method.asset for method in TRAINED_METHODS.values()]

@@ -26,7 +26,7 @@ from pipelines.sensors import dataset_sensor, sensor_interval
 from resources import BaseModelResource, ProjectPaths, TaggerResource, TorchDevice
 
 EAGER = ("prepared_images", "tag_scores", "tag_table")
-NIGHTLY = (*TRAINED_METHODS, "evaluation_grid", "evaluation_metrics", "evaluation_report")
+NIGHTLY = ("class_images", *TRAINED_METHODS, "evaluation_grid", "evaluation_metrics", "evaluation_report")
 
 
 def _env(name: str, default: str) -> str:

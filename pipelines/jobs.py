@@ -7,6 +7,7 @@ from dagster import AssetSelection, define_asset_job
 from assets import (
     METHOD_ASSETS,
     TRAINED_METHODS,
+    class_images,
     evaluation_grid,
     evaluation_metrics,
     evaluation_report,
@@ -39,9 +40,9 @@ retag_job = define_asset_job(
 )
 train_job = define_asset_job(
     "train",
-    selection=[*METHOD_ASSETS, evaluation_grid, evaluation_metrics, evaluation_report],
+    selection=[class_images, *METHOD_ASSETS, evaluation_grid, evaluation_metrics, evaluation_report],
     partitions_def=datasets_partitions,
-    tags=run_tags_for([*TRAINED_METHODS, "evaluation_grid", "evaluation_metrics", "evaluation_report"]),
+    tags=run_tags_for(["class_images", *TRAINED_METHODS, "evaluation_grid", "evaluation_metrics", "evaluation_report"]),
     description="Train the methods the dataset lists in training.methods (the others record that they were not "
     "trained), render their evaluation grids, score their checkpoints and write the HTML report.",
 )

@@ -17,6 +17,7 @@ STAGE_OF_ASSET = {
     "prepared_images": "prepare",
     "tag_scores": "tagging",
     "tag_table": "captions",
+    "class_images": "train",
     "textual_inversion": "train",
     "dreamartist": "train",
     "hypernetwork": "train",

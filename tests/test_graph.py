@@ -57,7 +57,7 @@ def materialize_only(defs, instance: DagsterInstance, *keys: str) -> None:
 
 
 def requested(result) -> dict[str, set[str]]:
-    keys = ["prepared_images", "tag_scores", "tag_table", *TRAINED_METHODS, "evaluation_grid", "evaluation_metrics",
+    keys = ["prepared_images", "tag_scores", "tag_table", "class_images", *TRAINED_METHODS, "evaluation_grid", "evaluation_metrics",
             "evaluation_report"]
     found = {key: result.get_requested_partitions(AssetKey(key)) for key in keys}
     return {key: partitions for key, partitions in found.items() if partitions}
@@ -196,7 +196,7 @@ def test_settings_edits_request_only_the_stages_that_read_them(materialized):
     # The new captions made training unsynced; it waits for the night, then runs with its evaluation.
     night = _next_2am(next(clock))
     assert tick(night) == {
-        **{method: {DATASET} for method in TRAINED_METHODS}, "evaluation_grid": {DATASET},
+        "class_images": {DATASET}, **{method: {DATASET} for method in TRAINED_METHODS}, "evaluation_grid": {DATASET},
         "evaluation_metrics": {DATASET}, "evaluation_report": {DATASET},
     }
     run_job(defs, instance, "train")

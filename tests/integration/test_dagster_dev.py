@@ -15,7 +15,7 @@ from tests.integration.server import DagsterDev, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # What the nightly tick runs together: every method asset (unlisted ones record that they did not train).
-NIGHTLY = {*TRAINED_METHODS, "evaluation_grid", "evaluation_metrics", "evaluation_report"}
+NIGHTLY = {"class_images", *TRAINED_METHODS, "evaluation_grid", "evaluation_metrics", "evaluation_report"}
 
 
 def _just_after_a_nightly_tick(server: DagsterDev) -> None:

@@ -15,7 +15,7 @@ from tests.integration.project import instance_home
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-COMPUTED = {"prepared_images", "tag_scores", "tag_table", *TRAINED_METHODS, "evaluation_grid", "evaluation_metrics",
+COMPUTED = {"prepared_images", "tag_scores", "tag_table", "class_images", *TRAINED_METHODS, "evaluation_grid", "evaluation_metrics",
             "evaluation_report"}
 
 
