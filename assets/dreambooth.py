@@ -5,7 +5,6 @@ A dataset that does not list dreambooth in training.methods gets the "not traine
 assets/method_selection.py), so the evaluation downstream still runs for the methods it does train.
 """
 
-import resource
 
 import torch
 from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue, asset
@@ -103,20 +102,13 @@ def dreambooth(
     except ValueError as error:
         raise Failure(description=f"{error} (materialize class_images for {dataset!r})", allow_retries=False) from error
     out_dir = paths.output_dir(dataset, STAGE)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run = train_in_asset(context, dataset, loop, base, lambda attempt: train_dreambooth(
         base, examples, attempt, options, out_dir, class_images=class_paths,
         progress=progress_logger(context, loop.max_steps), latent_cache=paths.data_root() / "cache" / "latents",
         log=context.log.info, validation_examples=held_out,
     ))  # fmt: skip
     result = run.result
-    files = {key: str(path) for key, path in result.files.items()}
-    write_run_file(out_dir, {"name": loop.name, "steps": result.steps, "clip_skip": loop.clip_skip, "files": files,
-                             "base_model": str(base.source), "sd_checkpoint": base.short_hash,
-                             "stopped_early_at": result.stopped_early_at})  # fmt: skip
-    memory = {"peak_rss_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024}
-    if base.device.type == "cuda":
-        memory["peak_cuda_memory_mib"] = torch.cuda.max_memory_allocated(base.device) / 2**20
+    files = write_run_file(out_dir, loop.name, result, loop.clip_skip, base)
     return MaterializeResult(
         metadata={
             "instance_token": loop.name,
@@ -124,7 +116,6 @@ def dreambooth(
             "class_images": len(class_paths),
             "optimizer": loop.optimizer,
             "train_text_encoder": options.train_text_encoder,
-            **memory,
             "diffusers_folder": MetadataValue.path(files["diffusers"]),
             "single_file": MetadataValue.path(files[EVALUATED_FILE]),
         },

@@ -73,10 +73,7 @@ def hypernetwork(
         latent_cache=paths.data_root() / "cache" / "latents", log=context.log.info, validation_examples=held_out,
     ))  # fmt: skip
     result = run.result
-    files = {key: str(path) for key, path in result.files.items()}
-    write_run_file(out_dir, {"name": loop.name, "steps": result.steps, "clip_skip": loop.clip_skip, "files": files,
-                             "base_model": str(base.source), "sd_checkpoint": base.short_hash,
-                             "stopped_early_at": result.stopped_early_at})  # fmt: skip
+    files = write_run_file(out_dir, loop.name, result, loop.clip_skip, base)
     weights = torch_bytes(result.weights)
     return MaterializeResult(
         metadata={

@@ -4,8 +4,6 @@ written as the kohya file the webui, ComfyUI and kohya's scripts load and as dif
 Only for datasets that list `lora` in `training.methods`; for the others it records that nothing was trained.
 """
 
-import resource
-
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 
 from assets.dataset_settings import LoraSettings, TrainingSettings
@@ -54,11 +52,6 @@ def lora_training(lora: LoraSettings) -> LoraTraining:
     )
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 @asset(
     partitions_def=datasets_partitions,
     deps=[prepared_images, tag_table, settings_assets["training"], settings_assets["lora"]],
@@ -99,11 +92,7 @@ def lora(
 
     run = train_in_asset(context, dataset, loop, base, train)
     result: LoraResult = run.result
-    files = {key: str(path) for key, path in result.files.items()}
-    write_run_file(out_dir, {
-        "name": loop.name, "method": STAGE, "steps": result.steps, "clip_skip": loop.clip_skip, "files": files,
-        "base_model": str(base.source), "sd_checkpoint": base.short_hash, "stopped_early_at": result.stopped_early_at,
-    })  # fmt: skip
+    files = write_run_file(out_dir, loop.name, result, loop.clip_skip, base)
     tensors = result.weights.tensors()
     metadata = {
         "trained": True,
@@ -113,7 +102,6 @@ def lora(
         "text_encoder_trained": method.trains_text_encoder,
         "adapted_modules": len(result.weights.unet) + len(result.weights.text_encoder),
         "adapter_parameters": sum(t.numel() for name, t in tensors.items() if not name.endswith(".alpha")),
-        "peak_rss_mb": peak_rss_mb(),
         "kohya": MetadataValue.path(files["kohya"]),
         "diffusers": MetadataValue.path(files["diffusers"]),
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import pandas as pd
+import torch
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, Failure, MetadataValue
 
 from assets.dataset_settings import TrainingSettings
@@ -114,6 +116,8 @@ class TrainedRun:
     accumulation: int
     elapsed: float  # seconds
     settings: LoopSettings
+    peak_rss_growth_mib: float = math.nan  # growth of the process's peak RSS during training (CPU memory)
+    peak_cuda_mib: float | None = None  # torch's peak allocated CUDA memory during training, on a GPU
 
 
 def train_in_asset(
@@ -126,7 +130,9 @@ def train_in_asset(
     def attempt(batch_size: int, accumulation: int) -> Any:
         return train(replace(settings, batch_size=batch_size, gradient_accumulation_steps=accumulation))
 
-    started = time.perf_counter()
+    started, rss_before = time.perf_counter(), _peak_rss_mib()
+    if base.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(base.device)
     try:
         result, (batch_size, accumulation) = run_with_oom_retry(
             attempt, settings.batch_size, settings.gradient_accumulation_steps, context.log
@@ -136,7 +142,14 @@ def train_in_asset(
                       allow_retries=False) from error  # fmt: skip
     if result.resumed_from:
         context.log.info(f"resumed {settings.name!r} from its saved state at step {result.resumed_from}")
-    return TrainedRun(result, batch_size, accumulation, time.perf_counter() - started, settings)
+    cuda = torch.cuda.max_memory_allocated(base.device) / 2**20 if base.device.type == "cuda" else None
+    return TrainedRun(result, batch_size, accumulation, time.perf_counter() - started, settings,
+                      _peak_rss_mib() - rss_before, cuda)  # fmt: skip
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def progress_logger(context: AssetExecutionContext, max_steps: int) -> Callable[[int, float], None]:
@@ -150,9 +163,15 @@ def progress_logger(context: AssetExecutionContext, max_steps: int) -> Callable[
     return progress
 
 
-def write_run_file(out_dir: Path, run: dict[str, Any]) -> Path:
-    """What the evaluation reads: the name, the files (checkpoints and final), the clip skip, the base model."""
-    return write_text(out_dir / RUN_FILE, json.dumps(run, indent=2))
+def write_run_file(out_dir: Path, name: str, result: TrainingOutcome, clip_skip: int, base: BaseModel) -> dict[str, str]:
+    """What the evaluation reads: the name, the files (checkpoints and final), the clip skip, the base model.
+    Returns the files as text, for the metadata."""
+    files = {key: str(path) for key, path in result.files.items()}
+    write_text(out_dir / RUN_FILE, json.dumps({
+        "name": name, "steps": result.steps, "clip_skip": clip_skip, "files": files, "base_model": str(base.source),
+        "sd_checkpoint": base.short_hash, "stopped_early_at": result.stopped_early_at,
+    }, indent=2))  # fmt: skip
+    return files
 
 
 def read_run_file(paths: ProjectPaths, dataset: str, stage: str) -> dict:
@@ -177,6 +196,8 @@ def run_metadata(run: TrainedRun, base: BaseModel, images: int, validation_image
         "processed": result.images_encoded,
         "reused": images + validation_images - result.images_encoded,
         "skipped": 0,
+        "peak_rss_growth_mib": run.peak_rss_growth_mib,
+        **({"peak_cuda_memory_mib": run.peak_cuda_mib} if run.peak_cuda_mib is not None else {}),
         "final_loss_mean_10": float(sum(tail) / len(tail)) if tail else math.nan,
         "final_loss_smoothed": final_smoothed_loss(result.losses),
         "loss_csv": MetadataValue.path(str(result.files["loss_csv"])),

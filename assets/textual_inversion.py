@@ -126,10 +126,7 @@ def textual_inversion(
         latent_cache=paths.data_root() / "cache" / "latents", log=context.log.info, validation_examples=held_out,
     ))  # fmt: skip
     result = run.result
-    files = {key: str(path) for key, path in result.files.items()}
-    write_run_file(out_dir, {"name": name, "steps": result.steps, "clip_skip": settings.clip_skip, "files": files,
-                             "base_model": str(base.source), "sd_checkpoint": base.short_hash,
-                             "stopped_early_at": result.stopped_early_at})  # fmt: skip
+    files = write_run_file(out_dir, name, result, settings.clip_skip, base)
     vectors = result.vectors.detach().float().cpu().contiguous()
     metadata = {
         "embedding_name": name,
