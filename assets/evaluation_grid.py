@@ -25,7 +25,7 @@ from resources import BaseModelResource, ProjectPaths, TorchDevice
 from resources.paths import resolve
 from training.evaluation import GridResult, RenderSettings, build_pipeline, render_xyz_grid
 from training.templates import NAME_KEYWORD, evaluation_prompts, read_prompt_file, render_prompt
-from training.xyz_grid import Checkpoint, GridPlan
+from training.xyz_grid import FINAL_STEP, Checkpoint, GridPlan
 
 STAGE = "evaluation_grid"
 CELLS_TABLE = "cells.parquet"
@@ -85,6 +85,31 @@ def grid_plan(
     )
 
 
+def comparison_plan(settings: EvaluationSettings, prompts: list[str], runs: dict[str, dict]) -> GridPlan:
+    """With `method` on an axis: one grid of every trained method's final checkpoint side by side."""
+    if settings.checkpoints != "final":
+        raise ValueError("with method on an axis, set checkpoints: final (the methods save different steps); "
+                         "per-method grids over their checkpoints come without a method axis")  # fmt: skip
+    finals = {}
+    for method, run in runs.items():
+        final = next(checkpoint for checkpoint in saved_checkpoints(run, method).values() if checkpoint.final)
+        finals[(method, FINAL_STEP)] = final
+    return GridPlan(
+        x=settings.x_axis, y=settings.y_axis, z=None if settings.z_axis == "none" else settings.z_axis,
+        values={"checkpoint": (FINAL_STEP,), "prompt": tuple(prompts), "seed": settings.seeds,
+                "cfg_scale": settings.cfg_scale, "steps": settings.steps, "strength": settings.strength,
+                "method": tuple(runs)},
+        checkpoints=finals,
+    )  # fmt: skip
+
+
+def grid_plans(settings: EvaluationSettings, prompts: list[str], runs: dict[str, dict]) -> dict[str, GridPlan]:
+    """One grid per trained method over its checkpoints, or with `method` on an axis one comparison grid."""
+    if "method" in (settings.x_axis, settings.y_axis, settings.z_axis):
+        return {"methods": comparison_plan(settings, prompts, runs)}
+    return {method: grid_plan(settings, prompts, saved_checkpoints(run, method), method) for method, run in runs.items()}
+
+
 def cells_table(result: GridResult) -> pd.DataFrame:
     """One row per cell of the grid: its coordinates, its files and whether it was rendered now or reused."""
     rows = []
@@ -142,8 +167,7 @@ def evaluation_grid(
     runs = trained_runs(paths, dataset, all_settings)
     try:
         prompts = evaluation_prompt_list(settings, paths.dataset_dir(dataset), all_settings.training.template)
-        plans = {method: grid_plan(settings, prompts, saved_checkpoints(run, method), method)
-                 for method, run in runs.items()}  # fmt: skip
+        plans = grid_plans(settings, prompts, runs)
     except ValueError as error:
         raise Failure(description=f"datasets/{dataset}/dataset.yaml, evaluation section: {error}", allow_retries=False) from error
     for prompt in prompts:
@@ -153,14 +177,15 @@ def evaluation_grid(
     pipeline = build_pipeline(base, settings.sampler)
     out_dir = paths.output_dir(dataset, STAGE)
     tables, grids = [], {}
-    for method, run in runs.items():
+    for method, plan in plans.items():
+        run = runs.get(method, next(iter(runs.values())))  # the comparison grid: every method shares the training
         render = RenderSettings(settings.sampler, settings.negative_prompt, run["clip_skip"], base.fingerprint)
         if settings.aesthetic:
             render = with_aesthetic(render, all_settings, paths, dataset, device)
         title = f"{run['name']} - {method} - {base.name} [{base.short_hash}]"
         try:
             result = render_xyz_grid(
-                pipeline, plans[method], render, grid_file(out_dir, run["name"], method),
+                pipeline, plan, render, grid_file(out_dir, run["name"], method),
                 paths.data_root() / "cache" / "evaluation_cells", title=title, cell_size=settings.cell_size or None,
             )  # fmt: skip
         except ValueError as error:

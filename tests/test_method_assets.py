@@ -10,7 +10,7 @@ import pytest
 from dagster import AssetKey, instance_for_test
 
 from tests.helpers import edit_settings
-from tests.test_graph import DATASET, materialize_all
+from tests.test_graph import DATASET, materialize_all, materialize_only
 from training.hypernetwork import Hypernetwork
 
 pytestmark = pytest.mark.slow
@@ -52,3 +52,18 @@ def test_an_unlisted_method_is_skipped_and_the_listed_one_is_trained_and_evaluat
         best = paths.output_dir(DATASET, "hypernetwork") / "best"
         assert (best / hyper_file.name).is_file() and (best / "best.json").is_file()
         assert Hypernetwork.load(best / hyper_file.name).step == int(metrics.loc[metrics["best"], "step"].iloc[0])
+
+        # method on an axis: one grid of every trained method's final checkpoint side by side.
+        edit_settings(dataset_dir, "training", methods=["hypernetwork", "textual_inversion"])
+        edit_settings(dataset_dir, "evaluation", x_axis="method", y_axis="prompt", checkpoints="final")
+        materialize_only(defs, instance, "textual_inversion", "evaluation_grid")
+        cells = pd.read_parquet(paths.output_dir(DATASET, "evaluation_grid") / "cells.parquet")
+        assert cells["method"].tolist() == ["hypernetwork", "textual_inversion"]
+        assert cells["step"].tolist() == [4, 4] and cells["final"].all()
+        assert cells.loc[0, "rendered"] == False  # noqa: E712 - the hypernetwork's final cell was cached above
+        grid = _materialization(instance, "evaluation_grid")
+        assert grid.metadata["methods"].value == "methods" and Path(grid.metadata["grid_path"].value).name.endswith(
+            "_methods_grid.png")
+        edit_settings(dataset_dir, "evaluation", checkpoints="all")
+        with pytest.raises(Exception, match="with method on an axis, set checkpoints: final"):
+            materialize_only(defs, instance, "evaluation_grid")

@@ -64,12 +64,19 @@ class CellSpec:
 
 
 def value_label(kind: str, value: Any, checkpoint: Checkpoint | None = None) -> str:
+    if kind == "checkpoint" and value == FINAL_STEP:
+        return "final checkpoint"
     if kind == "checkpoint":
         return checkpoint.label if checkpoint is not None else f"step {value}"
     if kind == "prompt":
         return str(value)
     names = {"seed": "seed", "cfg_scale": "CFG", "steps": "steps", "strength": "strength", "method": ""}
     return f"{names[kind]} {value:g}".strip() if isinstance(value, float) else f"{names[kind]} {value}".strip()
+
+
+# The checkpoint value meaning "each method's final checkpoint", for grids that compare methods: their runs
+# end at different steps, so a step number cannot name the same point of every run.
+FINAL_STEP = -1
 
 
 @dataclass(frozen=True)
