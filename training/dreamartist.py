@@ -23,6 +23,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,14 @@ _CFG_SYNTAX = 'expected a number ("3") or a range "low-high" with an optional sh
 def negative_name(name: str) -> str:
     """The negative embedding's name, as the extension names it: `<name>-neg`."""
     return f"{name}{NEGATIVE_SUFFIX}"
+
+
+def negative_embedding_path(positive: Path) -> Path:
+    """Where the negative embedding of a positive embedding file is: the same name with `-neg` before the suffix
+    (`mycat.pt` -> `mycat-neg.pt`, `mycat-500.safetensors` -> `mycat-500-neg.safetensors`), as the extension
+    saves them, so the webui, which names an embedding after its file, calls it `<name>-neg`."""
+    positive = Path(positive)
+    return positive.with_name(f"{positive.stem}{NEGATIVE_SUFFIX}{positive.suffix}")
 
 
 @dataclass(frozen=True)

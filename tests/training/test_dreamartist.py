@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from training.dreamartist import (
     CfgSchedule,
     ExponentialMovingAverage,
     combined_prediction,
+    negative_embedding_path,
     negative_name,
     parse_cfg_schedule,
     reconstruction_loss,
@@ -131,3 +133,71 @@ def test_reconstruction_loss_reaches_the_prediction_through_the_vae(tiny_base: B
     assert loss.ndim == 0 and loss.item() > 0
     assert prediction.grad is not None and prediction.grad.abs().sum() > 0
     assert all(parameter.grad is None for parameter in tiny_base.vae.parameters())  # the VAE stays frozen
+
+
+# --- evaluation: the negative embedding goes into the negative prompt -----------------------------------------
+
+
+def _pair(folder, tiny_base: BaseModel, seed: int) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    from training.embedding_formats import save_diffusers_embedding
+
+    generator = torch.Generator().manual_seed(seed)
+    positive, negative = torch.randn(3, 32, generator=generator) * 0.5, torch.randn(6, 32, generator=generator) * 0.5
+    path = save_diffusers_embedding(folder / "mycat.safetensors", "mycat", positive)
+    save_diffusers_embedding(negative_embedding_path(path), "mycat-neg", negative)
+    return path, positive, negative
+
+
+def test_dreamartist_cells_put_the_negative_embedding_in_the_negative_prompt(tiny_base: BaseModel, tmp_path: Path) -> None:
+    from training.evaluation import AppliedMethod, build_pipeline, dreamartist_applied, prompt_embeddings
+    from training.prompt_encoding import encode_prompts, tokenize_with_placeholder
+    from training.xyz_grid import Checkpoint
+
+    path, positive, negative = _pair(tmp_path, tiny_base, 0)
+    assert negative_embedding_path(path) == tmp_path / "mycat-neg.safetensors"
+    pipeline = build_pipeline(tiny_base)
+    vocabulary = len(tiny_base.tokenizer)
+    with torch.no_grad():
+        expected_positive = encode_prompts(
+            tiny_base.text_encoder, tokenize_with_placeholder(tiny_base.tokenizer, ["a photo of mycat"], "mycat", 3), positive
+        )
+        expected_negative = encode_prompts(
+            tiny_base.text_encoder,
+            tokenize_with_placeholder(tiny_base.tokenizer, ["mycat-neg, lowres"], "mycat-neg", 6), negative,
+        )
+        with dreamartist_applied(pipeline, Checkpoint("dreamartist", 5, path, "mycat"), 1.0, 1) as applied:
+            assert isinstance(applied, AppliedMethod)
+            conditioning = applied.encode("a photo of mycat")
+            negative_conditioning = applied.negative("lowres")
+            bare = applied.negative("")
+        plain = prompt_embeddings(pipeline, "lowres", 1)
+    torch.testing.assert_close(conditioning, expected_positive, rtol=0, atol=1e-5)
+    torch.testing.assert_close(negative_conditioning, expected_negative, rtol=0, atol=1e-5)
+    assert not torch.allclose(negative_conditioning, plain)
+    assert not torch.allclose(bare, negative_conditioning)
+    assert len(tiny_base.tokenizer) == vocabulary  # both embeddings unloaded
+    assert not any(parameter.requires_grad for parameter in tiny_base.text_encoder.parameters())
+
+
+def test_dreamartist_grid_cells_depend_on_the_negative_file(tiny_base: BaseModel, tmp_path: Path) -> None:
+    from training.embedding_formats import save_diffusers_embedding
+    from training.evaluation import RenderSettings, build_pipeline, render_xyz_grid
+    from training.xyz_grid import Checkpoint, GridPlan
+
+    (tmp_path / "run").mkdir()
+    path, _, negative = _pair(tmp_path / "run", tiny_base, 1)
+    checkpoint = Checkpoint("dreamartist", 5, path, "mycat", final=True)
+    values = {"checkpoint": (5,), "prompt": ("a photo of [name]",), "seed": (1,), "cfg_scale": (5.0,), "steps": (3,),
+              "strength": (1.0,), "method": ("dreamartist",)}  # fmt: skip
+    plan = GridPlan("checkpoint", "prompt", None, values=values, checkpoints={("dreamartist", 5): checkpoint})
+    pipeline = build_pipeline(tiny_base)
+    render = RenderSettings("dpm", negative_prompt="blurry")
+    first = render_xyz_grid(pipeline, plan, render, tmp_path / "a_grid.png", tmp_path / "cache", title="t")
+    assert first.cells[0].rendered
+    save_diffusers_embedding(negative_embedding_path(path), "mycat-neg", negative * -1)  # only the negative changes
+    second = render_xyz_grid(pipeline, plan, render, tmp_path / "b_grid.png", tmp_path / "cache", title="t")
+    assert second.cells[0].rendered and second.cells[0].key != first.cells[0].key
+    assert second.cells[0].cache_path.read_bytes() != first.cells[0].cache_path.read_bytes()
+    negative_embedding_path(path).unlink()
+    with pytest.raises(ValueError, match=r"mycat-neg.safetensors: the dreamartist checkpoint at step 5 no longer exists"):
+        render_xyz_grid(pipeline, plan, render, tmp_path / "c_grid.png", tmp_path / "cache", title="t")
