@@ -21,17 +21,28 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler
 
-from training.diffusion_objective import predicted_clean_latents
+from common.hashing import bytes_sha256
+from training.acceleration import autocast
+from training.base_model import BaseModel
+from training.diffusion_objective import noise_scheduler, predicted_clean_latents
+from training.embedding_formats import save_diffusers_embedding, save_kohya_embedding, save_webui_optim, save_webui_pt
+from training.latent_cache import load_training_image
+from training.negative_embedding import negative_embedding_path, negative_name
+from training.optimizers import WEBUI_OPTIMIZER_NAMES
+from training.prompt_encoding import encode_with_vectors, initial_vectors
+from training.templates import FILEWORDS_KEYWORD, NAME_KEYWORD, render_prompt
+from training.textual_inversion import TextualInversionSettings, check_prompts_fit, starting_vectors
+from training.training_loop import Batch, LoopResult, TrainingExample, TrainingMethod, run_training
 
-NEGATIVE_SUFFIX = "-neg"
 CFG_SHAPES = ("linear", "cos", "cos2")
 _SHAPE_ALIASES = {"ln": "linear"}  # the extension's own name for the linear shape
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
@@ -39,19 +50,6 @@ _CFG_PATTERN = re.compile(
     rf"\s*(?P<low>{_NUMBER})(?:\s*-\s*(?P<high>{_NUMBER}))?\s*(?::\s*(?P<shape>[a-z0-9]+))?\s*"
 )
 _CFG_SYNTAX = 'expected a number ("3") or a range "low-high" with an optional shape ("2.5-5", "2.5-5:cos", "1-3:linear")'
-
-
-def negative_name(name: str) -> str:
-    """The negative embedding's name, as the extension names it: `<name>-neg`."""
-    return f"{name}{NEGATIVE_SUFFIX}"
-
-
-def negative_embedding_path(positive: Path) -> Path:
-    """Where the negative embedding of a positive embedding file is: the same name with `-neg` before the suffix
-    (`mycat.pt` -> `mycat-neg.pt`, `mycat-500.safetensors` -> `mycat-500-neg.safetensors`), as the extension
-    saves them, so the webui, which names an embedding after its file, calls it `<name>-neg`."""
-    positive = Path(positive)
-    return positive.with_name(f"{positive.stem}{NEGATIVE_SUFFIX}{positive.suffix}")
 
 
 @dataclass(frozen=True)
@@ -187,3 +185,293 @@ def reconstruction_loss(
     clean = predicted_clean_latents(scheduler, noisy, prediction, timesteps)
     decoded = decode_latents(vae, clean)
     return F.l1_loss(decoded.float(), images.to(device=decoded.device, dtype=torch.float32))
+
+
+# --- prompts: the negative prompt of each training prompt ----------------------------------------------------
+
+
+def without_filewords(line: str) -> str:
+    """A template line with `[filewords]` and the separator it leaves behind removed (`a photo of [name],
+    [filewords]` -> `a photo of [name]`): the extension's "positive filewords only" negative line."""
+    text = line.replace(FILEWORDS_KEYWORD, "")
+    text = re.sub(r"\s*,(\s*,)+", ",", text)  # ", ," left where the caption was
+    text = re.sub(r"\s+,", ",", text)
+    text = re.sub(r"\s{2,}", " ", text)
+    return text.strip().strip(",").strip()
+
+
+@dataclass(frozen=True)
+class NegativePrompts:
+    """Turns a rendered training prompt into its negative prompt: the same template line with `[name]` ->
+    `<name>-neg` and the same caption, or (positive_only_filewords) the line without the caption.
+
+    The loop hands over rendered prompts, so the template line and caption are recovered by matching the
+    prompt against each line's literal parts; among several matching lines the one leaving the shortest
+    caption wins (the caption cannot contain the line's own text then).
+    """
+
+    lines: tuple[str, ...]
+    name: str
+    positive_only_filewords: bool = False
+
+    @property
+    def negative(self) -> str:
+        return negative_name(self.name)
+
+    def _pattern(self, line: str) -> re.Pattern[str]:
+        parts = [re.escape(part.replace(NAME_KEYWORD, self.name)) for part in line.split(FILEWORDS_KEYWORD)]
+        if len(parts) == 1:
+            return re.compile(parts[0], re.DOTALL)
+        return re.compile(parts[0] + "(.*)" + "".join(rf"{part}\1" for part in parts[1:-1]) + parts[-1], re.DOTALL)
+
+    def negative_line(self, line: str) -> str:
+        """The template line of the negative prompt (still with [name], and [filewords] unless positive-only)."""
+        return without_filewords(line) if self.positive_only_filewords else line
+
+    def __call__(self, prompt: str) -> str:
+        matches = []
+        for line in self.lines:
+            found = self._pattern(line).fullmatch(prompt)
+            if found is not None:
+                matches.append((len(found.group(1)) if found.groups() else 0, line, found.group(1) if found.groups() else ""))
+        if not matches:
+            raise ValueError(f"training prompt {prompt!r} matches no line of the prompt template")
+        _, line, caption = min(matches, key=lambda match: match[0])
+        return render_prompt(self.negative_line(line), self.negative, caption)
+
+
+# --- the training method ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DreamArtistSettings(TextualInversionSettings):
+    """Textual inversion's settings (vectors_per_token is the positive embedding's count, its initialization
+    the positive's starting point) plus the extension's."""
+
+    vectors_per_token: int = 3
+    learning_rate: str = "0.003"
+    negative_vectors: int = 6
+    negative_initialization_text: str = "*"
+    cfg_scale: str = "3"
+    negative_lr_scale: float = 1.0
+    ema: float = 0.97
+    ema_replace_every: int = 25
+    reconstruction_weight: float = 0.0
+    positive_only_filewords: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_cfg_schedule(self.cfg_scale)
+        if not 0.0 <= self.ema <= 1.0:
+            raise ValueError(f"ema must be between 0 and 1, got {self.ema}")
+        if not (math.isfinite(self.negative_lr_scale) and self.negative_lr_scale > 0):
+            raise ValueError(f"negative_lr_scale must be above 0, got {self.negative_lr_scale}")
+        if not (math.isfinite(self.reconstruction_weight) and self.reconstruction_weight >= 0):
+            raise ValueError(f"reconstruction_weight must be at least 0, got {self.reconstruction_weight}")
+
+    def extra_limits(self) -> dict[str, tuple[int, int, int | None]]:
+        return {**super().extra_limits(), "negative_vectors": (self.negative_vectors, 1, 75),
+                "ema_replace_every": (self.ema_replace_every, 0, None)}  # fmt: skip
+
+    def negative(self) -> TextualInversionSettings:
+        """The negative embedding seen as a textual-inversion embedding: its name, count and initialization."""
+        return TextualInversionSettings(
+            name=negative_name(self.name), vectors_per_token=self.negative_vectors,
+            initialization_text=self.negative_initialization_text, template=self.template,
+        )  # fmt: skip
+
+
+# Small noise on the negative start, as the extension adds to it, so that a negative initialized like the
+# positive does not begin as its copy (which would make neg + cfg * (pos - neg) blind to both at first).
+NEGATIVE_START_NOISE = 1e-3
+
+
+def starting_pair(base: BaseModel, settings: DreamArtistSettings, out_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positive embedding's start as textual inversion's (initialization_embedding, else the text), the
+    negative's from its own initialization text, plus NEGATIVE_START_NOISE drawn from a generator of the seed."""
+    positive, _ = starting_vectors(base, replace(settings, overwrite_old_embedding=True), out_dir)
+    negative = initial_vectors(base.tokenizer, base.text_encoder, settings.negative_initialization_text,
+                               settings.negative_vectors)  # fmt: skip
+    generator = torch.Generator().manual_seed(settings.seed)
+    return positive, negative + torch.randn(negative.shape, generator=generator) * NEGATIVE_START_NOISE
+
+
+def single_group_state(state: dict[str, Any], group: int) -> dict[str, Any]:
+    """One parameter group of an optimizer state as a one-group state: the webui's `.optim` of one embedding
+    must load into its own single-tensor AdamW."""
+    param_group = {key: value for key, value in state["param_groups"][group].items() if key != "lr_scale"}
+    ids = param_group["params"]
+    param_group["params"] = list(range(len(ids)))
+    return {"state": {new: state["state"][old] for new, old in enumerate(ids) if old in state["state"]},
+            "param_groups": [param_group]}  # fmt: skip
+
+
+class DreamArtistMethod(TrainingMethod):
+    """Two embeddings, `<name>` and `<name>-neg`, trained through the CFG combination of their predictions."""
+
+    label = "dreamartist"
+
+    def __init__(
+        self, base: BaseModel, settings: DreamArtistSettings, examples: Sequence[TrainingExample],
+        positive: torch.Tensor, negative: torch.Tensor,
+    ) -> None:  # fmt: skip
+        self.base, self.settings, self.examples = base, settings, list(examples)
+        self.start = {"positive": positive.detach().clone(), "negative": negative.detach().clone()}
+        self.positive = torch.nn.Parameter(positive.detach().clone().to(base.device))
+        self.negative = torch.nn.Parameter(negative.detach().clone().to(base.device))
+        self.cfg = parse_cfg_schedule(settings.cfg_scale)
+        self.scheduler = noise_scheduler(base)
+        self.ema = ExponentialMovingAverage(self._live(), settings.ema) if settings.ema < 1 else None
+        self.negatives: NegativePrompts | None = None
+
+    def _live(self) -> dict[str, torch.Tensor]:
+        return {"positive": self.positive, "negative": self.negative}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [self.positive]}, {"params": [self.negative], "lr_scale": self.settings.negative_lr_scale}]
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """The positive embedding's conditioning (validation loss and previews use it alone)."""
+        return encode_with_vectors(self.base.tokenizer, self.base.text_encoder, prompts, self.settings.name,
+                                   self.positive, self.settings.clip_skip)  # fmt: skip
+
+    def encode_negative(self, prompts: list[str]) -> torch.Tensor:
+        return encode_with_vectors(self.base.tokenizer, self.base.text_encoder, prompts, negative_name(self.settings.name),
+                                   self.negative, self.settings.clip_skip)  # fmt: skip
+
+    def loss(self, batch: Batch, unet: torch.nn.Module) -> torch.Tensor:
+        if self.negatives is None:
+            raise RuntimeError("check_prompts must run before the first loss (the loop calls it)")
+        negative_prompts = [self.negatives(prompt) for prompt in batch.prompts]
+        cfg = self.cfg.for_timesteps(batch.timesteps, self.scheduler.config.num_train_timesteps)
+        with autocast(batch.latents.device, batch.compute_dtype):
+            prediction = combined_prediction(
+                unet, batch.noisy, batch.timesteps, self.encode(batch.prompts), self.encode_negative(negative_prompts), cfg
+            )
+        loss = F.mse_loss(prediction.float(), batch.target.float())
+        if self.settings.reconstruction_weight:
+            multiple = self.base.vae_scale_factor
+            images = torch.stack([load_training_image(Path(self.examples[index].image_path), multiple)
+                                  for index in batch.indices])  # fmt: skip
+            with autocast(batch.latents.device, batch.compute_dtype):
+                rebuilt = reconstruction_loss(self.base.vae, self.scheduler, batch.noisy, prediction, batch.timesteps, images)
+            loss = loss + self.settings.reconstruction_weight * rebuilt
+        return loss
+
+    def after_step(self, step: int) -> None:
+        """The extension's EMA: average after each step; every ema_replace_every steps the vectors become it."""
+        if self.ema is None:
+            return
+        self.ema.update(self._live())
+        every = self.settings.ema_replace_every
+        if every and step % every == 0:
+            with torch.no_grad():
+                for name, tensor in self._live().items():
+                    tensor.copy_(self.ema.shadows[name].to(tensor.device, tensor.dtype))
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """What is saved: the EMA copies when EMA is on, else the trained vectors (float32 CPU)."""
+        tensors = self.ema.shadows if self.ema is not None else self._live()
+        return {name: tensor.detach().to("cpu", torch.float32).clone() for name, tensor in tensors.items()}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        live = {name: tensor.detach().to("cpu", torch.float32).clone() for name, tensor in self._live().items()}
+        return {**live, **(self.ema.state_tensors() if self.ema is not None else {})}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, tensor in self._live().items():
+                tensor.copy_(tensors[name].to(tensor.device, tensor.dtype))
+        if self.ema is not None:
+            self.ema.load_state_tensors(tensors)
+
+    def run_identity(self) -> dict[str, Any]:
+        return {name: bytes_sha256(tensor.to(torch.float32).numpy().tobytes()) for name, tensor in self.start.items()}
+
+    def check_prompts(self, examples: Sequence[TrainingExample], lines: list[str]) -> None:
+        """Both prompts of every image must keep their embedding within CLIP's limit (named image otherwise)."""
+        self.negatives = NegativePrompts(tuple(lines), self.settings.name, self.settings.positive_only_filewords)
+        check_prompts_fit(self.base, examples, lines, self.settings)
+        negative_lines = [self.negatives.negative_line(line) for line in lines]
+        check_prompts_fit(self.base, examples, negative_lines, self.settings.negative())
+
+    def checkpoint_files(self, out_dir: Path, step: int) -> dict[str, Path]:
+        stem = Path(out_dir) / "checkpoints" / f"{self.settings.name}-{step}"
+        files = {f"checkpoint_{step}_webui_pt": stem.with_suffix(".pt"),
+                 f"checkpoint_{step}_diffusers": stem.with_suffix(".safetensors")}  # fmt: skip
+        return {**files, **{key.replace(f"{step}_", f"{step}_negative_"): negative_embedding_path(path)
+                            for key, path in files.items()}}  # fmt: skip
+
+    def _save_pair(self, pt_path: Path, diffusers_path: Path, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Both embeddings as webui `.pt` (+ `.optim` of its own parameter group) and diffusers files; the
+        negative's beside the positive's with `-neg` in the name."""
+        state = optimizer.state_dict()
+        optimizer_name = WEBUI_OPTIMIZER_NAMES[self.settings.optimizer]
+        for group, (kind, vectors) in enumerate(self.result().items()):
+            name = self.settings.name if kind == "positive" else negative_name(self.settings.name)
+            pt = pt_path if kind == "positive" else negative_embedding_path(pt_path)
+            save_webui_pt(pt, name, vectors, step, self.base.short_hash, self.base.name)
+            save_webui_optim(pt, vectors, single_group_state(state, group), optimizer_name)
+            diffusers = diffusers_path if kind == "positive" else negative_embedding_path(diffusers_path)
+            save_diffusers_embedding(diffusers, name, vectors, step=step)
+
+    def save_checkpoint(self, out_dir: Path, step: int, optimizer: torch.optim.Optimizer) -> dict[str, Path]:
+        files = self.checkpoint_files(out_dir, step)
+        self._save_pair(files[f"checkpoint_{step}_webui_pt"], files[f"checkpoint_{step}_diffusers"], step, optimizer)
+        return files
+
+    def save_final(self, out_dir: Path, step: int, optimizer: torch.optim.Optimizer) -> dict[str, Path]:
+        """`<name>.pt`/`<name>-neg.pt` (+ `.optim`), `learned_embeds[-neg].safetensors`, kohya's `<name>[-neg]`."""
+        out_dir, name = Path(out_dir), self.settings.name
+        files = {"webui_pt": out_dir / f"{name}.pt", "diffusers": out_dir / "learned_embeds.safetensors"}
+        self._save_pair(files["webui_pt"], files["diffusers"], step, optimizer)
+        result = self.result()
+        files["webui_optim"] = Path(f"{files['webui_pt']}.optim")
+        files["kohya"] = save_kohya_embedding(out_dir / "kohya" / f"{name}.safetensors", name, result["positive"])
+        negative = {f"negative_{key}": negative_embedding_path(path) for key, path in files.items() if key != "kohya"}
+        negative["negative_webui_optim"] = Path(f"{negative['negative_webui_pt']}.optim")
+        negative["negative_kohya"] = save_kohya_embedding(
+            negative_embedding_path(files["kohya"]), negative_name(name), result["negative"]
+        )
+        return {**files, **negative}
+
+
+@dataclass
+class DreamArtistResult:
+    positive: torch.Tensor  # (positive vectors, hidden) float32 CPU: what was saved (the EMA when on)
+    negative: torch.Tensor
+    loop: LoopResult
+
+    @property
+    def files(self) -> dict[str, Path]:
+        return self.loop.files
+
+
+def train_dreamartist(
+    base: BaseModel,
+    examples: Sequence[TrainingExample],
+    settings: DreamArtistSettings,
+    out_dir: Path,
+    *,
+    progress: Callable[[int, float], None] | None = None,
+    latent_cache: Path | None = None,
+    log: Callable[[str], None] | None = None,
+    validation_examples: Sequence[TrainingExample] = (),
+) -> DreamArtistResult:
+    """Train the pair in the shared loop (latent cache, templates, checkpoints, resume, NaN guard, validation,
+    previews, loss log), writing both embeddings in every format under `out_dir`. Always a fresh pair from the
+    initialization (the extension has no continue-from-file for the pair either)."""
+    out_dir = Path(out_dir)
+    positive, negative = starting_pair(base, settings, out_dir)
+    method = DreamArtistMethod(base, settings, examples, positive, negative)
+    if log is not None:
+        log(f"dreamartist {settings.name!r} ({settings.vectors_per_token} vectors) and "
+            f"{negative_name(settings.name)!r} ({settings.negative_vectors} vectors), CFG {settings.cfg_scale}, "
+            f"EMA {settings.ema}, reconstruction weight {settings.reconstruction_weight}")  # fmt: skip
+    loop = run_training(
+        base, examples, settings, method, out_dir, progress=progress, latent_cache=latent_cache, log=log,
+        validation_examples=validation_examples,
+        save_final=lambda step, optimizer: method.save_final(out_dir, step, optimizer),
+    )  # fmt: skip
+    result = method.result()
+    return DreamArtistResult(result["positive"], result["negative"], loop)

@@ -29,8 +29,8 @@ from common.atomic import atomic_path, write_bytes
 from common.hashing import cached_file_sha256, json_sha256
 from training.aesthetic import AestheticGradients
 from training.base_model import BaseModel
-from training.dreamartist import negative_embedding_path, negative_name
 from training.embedding_formats import read_embedding
+from training.negative_embedding import negative_embedding_path, negative_name
 from training.prompt_encoding import check_clip_skip, encode_input_ids
 from training.templates import render_prompt
 from training.xyz_grid import CellSpec, Checkpoint, GridPlan, draw_grid, fixed_legend
