@@ -438,13 +438,23 @@ class DreamArtistMethod(TrainingMethod):
 
 @dataclass
 class DreamArtistResult:
+    """The saved pair and the loop's record, read like textual inversion's result (steps, losses, files,
+    validations, ...) so the asset's metadata and loss checks are shared."""
+
     positive: torch.Tensor  # (positive vectors, hidden) float32 CPU: what was saved (the EMA when on)
     negative: torch.Tensor
     loop: LoopResult
 
     @property
-    def files(self) -> dict[str, Path]:
-        return self.loop.files
+    def vectors(self) -> torch.Tensor:
+        """Both embeddings stacked (positive rows first): what the data version and the finiteness check see."""
+        return torch.cat([self.positive, self.negative])
+
+    def __getattr__(self, name: str) -> Any:  # steps, losses, files, validations, stopped_early_at, ...
+        if name in {"steps", "losses", "rates", "files", "resumed_from", "images_encoded", "validations",
+                    "stopped_early_at"}:  # fmt: skip
+            return getattr(self.loop, name)
+        raise AttributeError(name)
 
 
 def train_dreamartist(
