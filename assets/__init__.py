@@ -9,14 +9,17 @@ from assets.prepared_images import prepared_images
 from assets.tag_scores import tag_scores
 from assets.tag_table import tag_table
 from assets.textual_inversion import textual_inversion
+from assets.trained_methods import METHOD_ASSETS, TRAINED_METHODS
 
 computed_assets = [
-    prepared_images, tag_scores, tag_table, textual_inversion, evaluation_grid, evaluation_metrics, evaluation_report,
+    prepared_images, tag_scores, tag_table, *METHOD_ASSETS, evaluation_grid, evaluation_metrics, evaluation_report,
     aesthetic_embedding,
 ]
 all_assets = [*observed_assets, *computed_assets]
 
 __all__ = [
+    "METHOD_ASSETS",
+    "TRAINED_METHODS",
     "aesthetic_embedding",
     "all_assets",
     "computed_assets",

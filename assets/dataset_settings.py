@@ -130,7 +130,18 @@ class CaptionSettings(_Section):
         "or the BLIP caption followed by the tags")
 
 
+def _number_as_text(value: object) -> object:
+    """A learning rate written as a YAML number means the same as the webui's text schedule of one rate."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+TrainingMethodName = Literal["textual_inversion", "dreamartist", "hypernetwork", "lora", "dreambooth"]
+
+
 class TrainingSettings(_Section):
+    methods: tuple[TrainingMethodName, ...] = Field(
+        ("textual_inversion",), description="the personalisation methods this dataset trains; the assets of the "
+        "others skip this dataset")
     embedding_name: str | None = Field(None, description="[name] in prompts; default: the dataset name")
     vectors_per_token: int = Field(1, ge=1, le=75, description="webui: number of vectors per token")
     initialization_text: str = Field("*", description="webui: initialization text")
@@ -180,10 +191,15 @@ class TrainingSettings(_Section):
                                          "without a validation split) has not improved for this many checkpoints; "
                                          "0: off; needs save_embedding_every")
 
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods_listed(cls, value: object) -> object:
+        return _as_tuple(value)
+
     @field_validator("learning_rate", "clip_grad_value", mode="before")
     @classmethod
     def _rate_as_text(cls, value: object) -> object:
-        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        return _number_as_text(value)
 
 
 GridAxis = Literal["checkpoint", "prompt", "seed", "cfg_scale", "steps", "strength", "method"]
@@ -252,6 +268,44 @@ class AestheticSettings(_Section):
     aesthetic_text_negative: bool = Field(False, description="extension: rotate away from the text instead")
 
 
+def _number_list(value: object) -> object:
+    """The webui writes layer and dropout structures as text, "1, 2, 1"; a YAML list is accepted too."""
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        return tuple(float(part) if re.fullmatch(r"[0-9.eE+-]+", part) else part for part in parts)
+    return _as_tuple(value)
+
+
+class HypernetworkSettings(_Section):
+    """The webui's hypernetwork: "Create hypernetwork" options and its own learning rate; the rest of the
+    training (template, steps, batch, checkpoints, previews) comes from the `training` section."""
+
+    learning_rate: str = Field("0.00001", description="webui default for hypernetworks (1e-5); a schedule works too")
+    template: str = Field("", description="prompt template; empty: the training section's template")
+    layer_structure: tuple[float, ...] = Field((1.0, 2.0, 1.0), description="webui: e.g. '1, 2, 1'; starts and "
+                                               "ends with 1")
+    activation_func: str = Field("linear", description="webui: linear, relu, leakyrelu, elu, swish, tanh, sigmoid, ...")
+    weight_initialization: Literal["Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"] = (
+        Field("Normal", description="webui: weight initialization"))
+    add_layer_norm: bool = Field(False, description="webui: add layer normalization")
+    use_dropout: bool = Field(False, description="webui: use dropout")
+    dropout_structure: tuple[float, ...] = Field((), description="webui: e.g. '0, 0.05, 0'; empty: from use_dropout")
+    activate_output: bool = Field(False, description="webui: activate the last layer too")
+    last_layer_dropout: bool = Field(True, description="webui: dropout before the last layer (with use_dropout)")
+    sizes: tuple[int, ...] = Field((), description="context widths to create; empty: the UNet's cross-attention "
+                                   "widths (768 on SD 1.x); the webui's own list is 320, 640, 768, 1024, 1280")
+
+    @field_validator("layer_structure", "dropout_structure", "sizes", mode="before")
+    @classmethod
+    def _structures(cls, value: object) -> object:
+        return _number_list(value)
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _rate_as_text(cls, value: object) -> object:
+        return _number_as_text(value)
+
+
 class DreamArtistSettings(_Section):
     """DreamArtist / APT (the webui extension's names in the descriptions); the common loop settings (batch,
     template, seed, checkpoints, resume, ...) come from `training:`, the initialization of the positive
@@ -279,8 +333,8 @@ class DreamArtistSettings(_Section):
 
     @field_validator("learning_rate", "cfg_scale", mode="before")
     @classmethod
-    def _number_as_text(cls, value: object) -> object:
-        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    def _rate_as_text(cls, value: object) -> object:
+        return _number_as_text(value)
 
     @field_validator("cfg_scale")
     @classmethod
@@ -298,6 +352,7 @@ class DatasetSettings(_Section):
     training: TrainingSettings = TrainingSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     aesthetic: AestheticSettings = AestheticSettings()
+    hypernetwork: HypernetworkSettings = HypernetworkSettings()
     dreamartist: DreamArtistSettings = DreamArtistSettings()
 
 

@@ -18,7 +18,7 @@ from assets.metadata import image_md, settings_for
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
 from assets.placement import gpu_step
-from assets.textual_inversion import read_training_run, textual_inversion
+from assets.trained_methods import METHOD_ASSETS, TRAINED_METHODS, grid_file, trained_runs
 from common.atomic import write_parquet
 from common.hashing import file_sha256, json_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
@@ -29,19 +29,19 @@ from training.xyz_grid import Checkpoint, GridPlan
 
 STAGE = "evaluation_grid"
 CELLS_TABLE = "cells.parquet"
-METHOD = "textual_inversion"
 
 
-def saved_checkpoints(run: dict, method: str = METHOD) -> dict[tuple[str, int], Checkpoint]:
+def saved_checkpoints(run: dict, method: str) -> dict[tuple[str, int], Checkpoint]:
     """Every checkpoint a training run wrote (from its run file), the final one marked; by (method, step)."""
+    kind = TRAINED_METHODS[method].evaluated_file
     found = {}
     for key, path in run["files"].items():
-        match = re.fullmatch(r"checkpoint_(\d+)_diffusers", key)
+        match = re.fullmatch(rf"checkpoint_(\d+)_{kind}", key)
         if match:
             step = int(match.group(1))
             found[(method, step)] = Checkpoint(method, step, Path(path), run["name"])
     final = int(run["steps"])
-    found[(method, final)] = Checkpoint(method, final, Path(run["files"]["diffusers"]), run["name"], final=True)
+    found[(method, final)] = Checkpoint(method, final, Path(run["files"][kind]), run["name"], final=True)
     return dict(sorted(found.items()))
 
 
@@ -68,15 +68,18 @@ def checkpoint_steps(settings: EvaluationSettings, checkpoints: dict[tuple[str, 
     return tuple(settings.checkpoints)
 
 
-def grid_plan(settings: EvaluationSettings, prompts: list[str], checkpoints: dict[tuple[str, int], Checkpoint]) -> GridPlan:
+def grid_plan(
+    settings: EvaluationSettings, prompts: list[str], checkpoints: dict[tuple[str, int], Checkpoint], method: str
+) -> GridPlan:
+    """One method's grid: each trained method gets its own, since their checkpoint steps differ."""
     return GridPlan(
         x=settings.x_axis,
         y=settings.y_axis,
         z=None if settings.z_axis == "none" else settings.z_axis,
         values={
-            "checkpoint": checkpoint_steps(settings, checkpoints, METHOD), "prompt": tuple(prompts),
+            "checkpoint": checkpoint_steps(settings, checkpoints, method), "prompt": tuple(prompts),
             "seed": settings.seeds, "cfg_scale": settings.cfg_scale, "steps": settings.steps,
-            "strength": settings.strength, "method": (METHOD,),
+            "strength": settings.strength, "method": (method,),
         },  # fmt: skip
         checkpoints=checkpoints,
     )
@@ -121,13 +124,14 @@ def with_aesthetic(
 
 @asset(
     partitions_def=datasets_partitions,
-    deps=[textual_inversion, settings_assets["evaluation"]],
+    deps=[*METHOD_ASSETS, settings_assets["evaluation"]],
     group_name="evaluation",
-    code_version="2",
+    code_version="3",
     **gpu_step(),
     kinds={"pytorch"},
-    description="An X/Y/Z grid PNG (default: checkpoints x prompts x seeds, [name] = the trained name) with "
-    "labelled axes and a legend of the fixed settings, each cell beside it, and cells.parquet.",
+    description="Per trained method (training.methods), an X/Y/Z grid PNG (default: checkpoints x prompts x "
+    "seeds, [name] = the trained name) with labelled axes and a legend of the fixed settings, each cell beside "
+    "it, and cells.parquet over all methods.",
 )
 def evaluation_grid(
     context: AssetExecutionContext, paths: ProjectPaths, base_model: BaseModelResource, device: TorchDevice
@@ -135,10 +139,11 @@ def evaluation_grid(
     dataset = context.partition_key
     all_settings = settings_for(paths, dataset)
     settings = all_settings.evaluation
-    run = read_training_run(paths, dataset)
+    runs = trained_runs(paths, dataset, all_settings)
     try:
         prompts = evaluation_prompt_list(settings, paths.dataset_dir(dataset), all_settings.training.template)
-        plan = grid_plan(settings, prompts, saved_checkpoints(run))
+        plans = {method: grid_plan(settings, prompts, saved_checkpoints(run, method), method)
+                 for method, run in runs.items()}  # fmt: skip
     except ValueError as error:
         raise Failure(description=f"datasets/{dataset}/dataset.yaml, evaluation section: {error}", allow_retries=False) from error
     for prompt in prompts:
@@ -146,35 +151,45 @@ def evaluation_grid(
             context.log.warning(f"evaluation prompt {prompt!r} has no {NAME_KEYWORD}: its cells do not use the embedding")
     base = base_model.load(device)
     pipeline = build_pipeline(base, settings.sampler)
-    render = RenderSettings(settings.sampler, settings.negative_prompt, run["clip_skip"], base.fingerprint)
-    if settings.aesthetic:
-        render = with_aesthetic(render, all_settings, paths, dataset, device)
     out_dir = paths.output_dir(dataset, STAGE)
-    title = f"{run['name']} - {METHOD} - {base.name} [{base.short_hash}]"
-    try:
-        result = render_xyz_grid(
-            pipeline, plan, render, out_dir / f"{run['name']}_{METHOD}_grid.png",
-            paths.data_root() / "cache" / "evaluation_cells", title=title, cell_size=settings.cell_size or None,
-        )  # fmt: skip
-    except ValueError as error:
-        raise Failure(description=f"evaluation_grid for {dataset!r}: {error}", allow_retries=False) from error
-    table = cells_table(result)
+    tables, grids = [], {}
+    for method, run in runs.items():
+        render = RenderSettings(settings.sampler, settings.negative_prompt, run["clip_skip"], base.fingerprint)
+        if settings.aesthetic:
+            render = with_aesthetic(render, all_settings, paths, dataset, device)
+        title = f"{run['name']} - {method} - {base.name} [{base.short_hash}]"
+        try:
+            result = render_xyz_grid(
+                pipeline, plans[method], render, grid_file(out_dir, run["name"], method),
+                paths.data_root() / "cache" / "evaluation_cells", title=title, cell_size=settings.cell_size or None,
+            )  # fmt: skip
+        except ValueError as error:
+            raise Failure(description=f"evaluation_grid for {dataset!r}: {error}", allow_retries=False) from error
+        tables.append(cells_table(result))
+        grids[method] = result.path
+    table = pd.concat(tables, ignore_index=True)
     write_parquet(out_dir / CELLS_TABLE, table)
     rendered = int(table["rendered"].sum())
-    context.log.info(f"{rendered} cells rendered, {len(table) - rendered} reused from the cache: {result.path}")
+    context.log.info(f"{rendered} cells rendered, {len(table) - rendered} reused from the cache: "
+                     f"{', '.join(map(str, grids.values()))}")  # fmt: skip
+    first = next(iter(plans.values()))
+    grid_images = {("grid" if index == 0 else f"grid_{method}"): image_md(path, max_side=768, caption=f"{method} grid")
+                   for index, (method, path) in enumerate(grids.items())}  # fmt: skip
     return MaterializeResult(
         metadata={
             "processed": rendered,
             "reused": len(table) - rendered,
             "skipped": 0,
             "cells": len(table),
-            "axes": f"x={plan.x}, y={plan.y}, z={plan.z or 'none'}",
-            "checkpoints": ", ".join(str(step) for step in plan.values["checkpoint"]),
+            "methods": ", ".join(grids),
+            "axes": f"x={first.x}, y={first.y}, z={first.z or 'none'}",
+            "checkpoints": "; ".join(f"{method}: {', '.join(str(step) for step in plan.values['checkpoint'])}"
+                                     for method, plan in plans.items()),  # fmt: skip
             "prompts_without_name": sum(NAME_KEYWORD not in prompt for prompt in prompts),
-            "grid": image_md(result.path, max_side=768, caption="evaluation grid"),
-            "grid_path": MetadataValue.path(str(result.path)),
+            **grid_images,
+            "grid_path": MetadataValue.path(str(next(iter(grids.values())))),
             "cells_table": MetadataValue.path(str(out_dir / CELLS_TABLE)),
             "sampler": settings.sampler,
         },
-        data_version=DataVersion(file_sha256(result.path)),
+        data_version=DataVersion(json_sha256({method: file_sha256(path) for method, path in grids.items()})),
     )

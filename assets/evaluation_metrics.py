@@ -2,6 +2,7 @@
 grid cells), the checkpoint to keep copied to `best/`, and the seeds' rules as asset checks."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,12 +21,13 @@ from dagster import (
 )
 
 from assets.dataset_settings import EvaluationSettings
-from assets.evaluation_grid import CELLS_TABLE, METHOD, STAGE as GRID_STAGE, evaluation_grid, saved_checkpoints
+from assets.evaluation_grid import CELLS_TABLE, STAGE as GRID_STAGE, evaluation_grid, saved_checkpoints
 from assets.metadata import image_md, require_file, settings_for, table_md
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
 from assets.placement import gpu_step
-from assets.textual_inversion import STAGE as TRAINING_STAGE, read_training_run, textual_inversion, training_examples
+from assets.textual_inversion import training_examples
+from assets.trained_methods import METHOD_ASSETS, TRAINED_METHODS, trained_runs
 from common.atomic import atomic_path, write_parquet, write_text
 from common.hashing import file_sha256
 from resources import ProjectPaths, TorchDevice
@@ -52,10 +54,10 @@ def _validation_losses(run: dict, steps: list[int]) -> list[float]:
 def clip_scores(
     settings: EvaluationSettings, cells: pd.DataFrame, references: list[Path], device: TorchDevice
 ) -> pd.DataFrame:
-    """Per step: mean CLIP similarity of its cells to the training images, and of each cell to its prompt
-    without [name] (does the embedding still obey the rest of the prompt?). Empty when no model is set."""
+    """Per method and step: mean CLIP similarity of its cells to the training images, and of each cell to its
+    prompt without [name] (does the result still obey the rest of the prompt?). Empty when no model is set."""
     if not settings.clip_model:
-        return pd.DataFrame(columns=["step", "clip_image_similarity", "clip_text_similarity"])
+        return pd.DataFrame(columns=["method", "step", "clip_image_similarity", "clip_text_similarity"])
     from training.clip_scores import ClipScorer, prompt_without_name
 
     scorer = ClipScorer.load(resolve(settings.clip_model), device.torch_device())
@@ -69,21 +71,22 @@ def clip_scores(
         texts = scorer.text_similarity([images[i] for i in with_rest], [rest[i] for i in with_rest])
         scored.loc[scored.index[with_rest], "clip_text_similarity"] = texts.tolist()
     with_name = scored[scored["prompt"].str.contains(NAME_KEYWORD, regex=False)]
-    image = with_name.groupby("step")["clip_image_similarity"].mean()
-    text = scored.groupby("step")["clip_text_similarity"].mean()
+    image = with_name.groupby(["method", "step"])["clip_image_similarity"].mean()
+    text = scored.groupby(["method", "step"])["clip_text_similarity"].mean()
     return pd.DataFrame({"clip_image_similarity": image, "clip_text_similarity": text}).reset_index()
 
 
-def metrics_table(run: dict, clip: pd.DataFrame) -> pd.DataFrame:
-    checkpoints = saved_checkpoints(run)
+def metrics_table(run: dict, clip: pd.DataFrame, method: str) -> pd.DataFrame:
+    """One method's checkpoints with their losses and CLIP scores; the best one flagged."""
+    checkpoints = saved_checkpoints(run, method)
     steps = [step for _, step in checkpoints]
     frame = pd.DataFrame({
-        "method": METHOD, "step": steps, "checkpoint": [str(c.path) for c in checkpoints.values()],
+        "method": method, "step": steps, "checkpoint": [str(c.path) for c in checkpoints.values()],
         "final": [c.final for c in checkpoints.values()],
         "training_loss": interval_means(Path(run["files"]["loss_csv"]), steps),
         "validation_loss": _validation_losses(run, steps),
     })  # fmt: skip
-    frame = frame.merge(clip, on="step", how="left") if not clip.empty else frame.assign(
+    frame = frame.merge(clip, on=["method", "step"], how="left") if not clip.empty else frame.assign(
         clip_image_similarity=np.nan, clip_text_similarity=np.nan
     )
     best = best_row(frame)
@@ -91,30 +94,45 @@ def metrics_table(run: dict, clip: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def keep_best(paths: ProjectPaths, dataset: str, run: dict, best: pd.Series) -> dict[str, Path]:
-    """The best checkpoint's files as `best/<name>.pt` and `best/learned_embeds.safetensors` beside the final
-    ones (the name is kept: the webui names an embedding after its file)."""
-    out = paths.output_dir(dataset, TRAINING_STAGE) / BEST_DIR
-    diffusers = Path(best["checkpoint"])
-    webui = diffusers.with_suffix(".pt") if not best["final"] else Path(run["files"]["webui_pt"])
-    files = {"webui_pt": out / f"{run['name']}.pt", "diffusers": out / "learned_embeds.safetensors"}
-    for source, target in ((webui, files["webui_pt"]), (diffusers, files["diffusers"])):
+def keep_best(paths: ProjectPaths, dataset: str, method: str, run: dict, best: pd.Series) -> dict[str, Path]:
+    """The best checkpoint's files under `<method>/best/`, named as the final ones (the webui names an
+    embedding after its file, so `best/<name>.pt` keeps the trigger word), and `best/best.json`."""
+    out = paths.output_dir(dataset, method) / BEST_DIR
+    step, final, evaluated = int(best["step"]), bool(best["final"]), TRAINED_METHODS[method].evaluated_file
+    kinds = {match.group(1) for key in run["files"] if (match := re.fullmatch(r"checkpoint_\d+_(.+)", key))}
+    kinds = sorted((kinds | {evaluated}) & set(run["files"]) if final else kinds | {evaluated})
+    files = {}
+    for kind in kinds:
+        source = Path(run["files"][kind] if final else run["files"].get(f"checkpoint_{step}_{kind}", ""))
         if not source.is_file():
-            raise Failure(description=f"{source}: the best checkpoint (step {best['step']}) no longer exists")
-        with atomic_path(target) as partial:
+            raise Failure(description=f"{source}: the best {method} checkpoint (step {step}) no longer exists")
+        files[kind] = out / Path(run["files"][kind]).name
+        with atomic_path(files[kind]) as partial:
             shutil.copyfile(source, partial)
-    files["choice"] = write_text(out / "best.json", json.dumps({"step": int(best["step"]), "source": str(diffusers)}))
+    files["choice"] = write_text(out / "best.json", json.dumps({"step": step, "source": str(best["checkpoint"])}))
     return files
 
 
-def metric_checks(frame: pd.DataFrame, settings: EvaluationSettings) -> list[AssetCheckResult]:
-    numbers = frame[["training_loss", "validation_loss"]]
-    finite = not np.isinf(numbers.to_numpy(dtype=float)).any() and not numbers["training_loss"].isna().any()
+def _trends(frame: pd.DataFrame) -> tuple[int, int, str]:
+    """One method's checkpoints: (evaluations without improvement, evaluations of rising validation loss while the
+    training loss fell, the loss watched)."""
     has_validation = frame["validation_loss"].notna().any()
     watched = frame["validation_loss"] if has_validation else frame["training_loss"]
     stalled = rounds_without_improvement(watched.dropna().tolist(), 1)  # a round = one checkpoint
     rising = overfitting_run(frame["training_loss"].tolist(), frame["validation_loss"].tolist()) if has_validation else 0
-    best = frame.loc[frame["best"]].iloc[0]
+    return stalled, rising, str(watched.name)
+
+
+def metric_checks(frame: pd.DataFrame, settings: EvaluationSettings) -> list[AssetCheckResult]:
+    """Over every trained method: the worst method decides (a warning names the step to keep of the first)."""
+    numbers = frame[["training_loss", "validation_loss"]]
+    finite = not np.isinf(numbers.to_numpy(dtype=float)).any() and not numbers["training_loss"].isna().any()
+    trends = {method: _trends(rows) for method, rows in frame.groupby("method", sort=False)}
+    stalled_method = max(trends, key=lambda method: trends[method][0])
+    rising_method = max(trends, key=lambda method: trends[method][1])
+    stalled, _, watched = trends[stalled_method]
+    rising = trends[rising_method][1]
+    best = frame.loc[frame["best"] & (frame["method"] == rising_method)].iloc[0]
     return [
         AssetCheckResult(check_name="metrics_are_finite", passed=bool(finite),
                          description="a NaN or infinite loss means the run diverged"),
@@ -122,14 +140,14 @@ def metric_checks(frame: pd.DataFrame, settings: EvaluationSettings) -> list[Ass
             check_name="validation_still_improving",
             passed=stalled < settings.patience_evaluations,
             severity=AssetCheckSeverity.WARN,
-            metadata={"evaluations_without_improvement": stalled, "watched": watched.name,
+            metadata={"evaluations_without_improvement": stalled, "watched": watched, "method": stalled_method,
                       "patience_evaluations": settings.patience_evaluations},
         ),  # fmt: skip
         AssetCheckResult(
             check_name="not_overfitting",
             passed=rising < settings.overfitting_evaluations,
             severity=AssetCheckSeverity.WARN,
-            metadata={"evaluations_rising": rising, "keep_checkpoint_step": int(best["step"]),
+            metadata={"evaluations_rising": rising, "method": rising_method, "keep_checkpoint_step": int(best["step"]),
                       "keep_checkpoint": MetadataValue.path(str(best["checkpoint"]))},
             description=f"validation loss rising while training loss falls: keep step {int(best['step'])}"
             if rising >= settings.overfitting_evaluations else "no sustained rise of the validation loss",
@@ -139,9 +157,9 @@ def metric_checks(frame: pd.DataFrame, settings: EvaluationSettings) -> list[Ass
 
 @asset(
     partitions_def=datasets_partitions,
-    deps=[evaluation_grid, textual_inversion, settings_assets["evaluation"]],
+    deps=[evaluation_grid, *METHOD_ASSETS, settings_assets["evaluation"]],
     group_name="evaluation",
-    code_version="1",
+    code_version="2",
     **gpu_step(),
     kinds={"pytorch", "parquet"},
     check_specs=[
@@ -156,29 +174,39 @@ def metric_checks(frame: pd.DataFrame, settings: EvaluationSettings) -> list[Ass
 )
 def evaluation_metrics(context: AssetExecutionContext, paths: ProjectPaths, device: TorchDevice) -> MaterializeResult:
     dataset = context.partition_key
-    settings = settings_for(paths, dataset).evaluation
-    run = read_training_run(paths, dataset)
+    all_settings = settings_for(paths, dataset)
+    settings = all_settings.evaluation
+    runs = trained_runs(paths, dataset, all_settings)
     cells = pd.read_parquet(require_file(paths.output_dir(dataset, GRID_STAGE) / CELLS_TABLE, GRID_STAGE))
     references = [example.image_path for example in training_examples(paths, dataset)]
     try:
         clip = clip_scores(settings, cells, references, device)
     except (OSError, ValueError) as error:
         raise Failure(description=f"evaluation.clip_model for {dataset!r}: {error}", allow_retries=False) from error
-    frame = metrics_table(run, clip)
+    frame = pd.concat([metrics_table(run, clip, method) for method, run in runs.items()], ignore_index=True)
     out_dir = paths.output_dir(dataset, STAGE)
     table_path = write_parquet(out_dir / METRICS_TABLE, frame)
-    best = frame.loc[frame["best"]].iloc[0]
-    chart = plot_metrics(frame, out_dir / "metrics.png", f"{run['name']}: checkpoints", int(best["step"]))
-    kept = keep_best(paths, dataset, run, best)
-    context.log.info(f"best checkpoint of {run['name']!r}: step {int(best['step'])} -> {kept['webui_pt'].parent}")
+    first_method, first_run = next(iter(runs.items()))
+    kept, bests = {}, {}
+    for method, run in runs.items():
+        best = frame.loc[frame["best"] & (frame["method"] == method)].iloc[0]
+        bests[method] = best
+        kept[method] = keep_best(paths, dataset, method, run, best)
+        context.log.info(f"best {method} checkpoint of {run['name']!r}: step {int(best['step'])} -> "
+                         f"{kept[method]['choice'].parent}")  # fmt: skip
+    best = bests[first_method]
+    chart = plot_metrics(frame[frame["method"] == first_method], out_dir / "metrics.png",
+                         f"{first_run['name']}: {first_method} checkpoints", int(best["step"]))  # fmt: skip
+    best_file = kept[first_method][TRAINED_METHODS[first_method].evaluated_file]
     return MaterializeResult(
         metadata={
             "checkpoints": len(frame),
             "best_step": int(best["step"]),
-            "best_checkpoint": MetadataValue.path(str(kept["webui_pt"])),
+            "best_checkpoint": MetadataValue.path(str(kept[first_method].get("webui_pt", best_file))),
             "best_validation_loss": float(best["validation_loss"]),
+            "best_steps": ", ".join(f"{method}: {int(row['step'])}" for method, row in bests.items()),
             "clip_model": settings.clip_model or "(none)",
-            "metrics": table_md(frame.drop(columns=["checkpoint", "method"]).round(5), rows=50),
+            "metrics": table_md(frame.drop(columns=["checkpoint"]).round(5), rows=50),
             "metrics_chart": image_md(chart, caption="loss and CLIP similarity per checkpoint"),
             "metrics_table": MetadataValue.path(str(table_path)),
             "dagster/row_count": len(frame),

@@ -41,14 +41,8 @@ from embedded.tiny_sd import build_tiny_sd  # noqa: E402
 from training.base_model import BaseModel, load_base_model  # noqa: E402
 from training.diffusion_objective import noise_scheduler, prediction_target  # noqa: E402
 from training.latent_cache import load_training_image  # noqa: E402
-from training.textual_inversion import (  # noqa: E402
-    EpochSampler,
-    TextualInversionSettings,
-    TrainingExample,
-    caption_for_step,
-    train_textual_inversion,
-    training_template,
-)
+from training.textual_inversion import TextualInversionSettings, TrainingExample, train_textual_inversion  # noqa: E402
+from training.training_loop import EpochSampler, caption_for_step, training_template  # noqa: E402
 from training.templates import render_prompt  # noqa: E402
 
 CAPTION = "red, round, simple background"

@@ -17,7 +17,7 @@ from dagster import (
     map_asset_specs,
 )
 
-from assets import computed_assets, observed_assets
+from assets import TRAINED_METHODS, computed_assets, observed_assets
 from pipelines.automation import NIGHTLY_CRON, nightly_when_unsynced, on_change
 from pipelines.executors import executor_from_env
 from pipelines.jobs import all_jobs
@@ -26,7 +26,7 @@ from pipelines.sensors import dataset_sensor, sensor_interval
 from resources import BaseModelResource, ProjectPaths, TaggerResource, TorchDevice
 
 EAGER = ("prepared_images", "tag_scores", "tag_table")
-NIGHTLY = ("textual_inversion", "evaluation_grid", "evaluation_metrics", "evaluation_report")
+NIGHTLY = (*TRAINED_METHODS, "evaluation_grid", "evaluation_metrics", "evaluation_report")
 
 
 def _env(name: str, default: str) -> str:

@@ -11,11 +11,11 @@ import sys
 import pandas as pd
 from dagster import DagsterInstance
 
-from assets.evaluation_grid import METHOD
 from assets.evaluation_grid import STAGE as GRID_STAGE
 from assets.evaluation_metrics import METRICS_TABLE
 from assets.evaluation_report import report_path
 from assets.partitions import datasets_partitions
+from assets.trained_methods import grid_file
 from embedded import build_missing
 from pipelines.definitions import defs
 from resources import PROJECT_ROOT
@@ -41,7 +41,7 @@ def main() -> int:
 
     paths = defs.resources["paths"]
     run = json.loads((paths.output_dir(DATASET, "textual_inversion") / "training_run.json").read_text())
-    grid = paths.output_dir(DATASET, GRID_STAGE) / f"{run['name']}_{METHOD}_grid.png"
+    grid = grid_file(paths.output_dir(DATASET, GRID_STAGE), run["name"], "textual_inversion")
     print("\nembedding files:")
     for kind in ("webui_pt", "diffusers"):
         print(f"  {kind:10s} {run['files'][kind]}")
@@ -51,8 +51,8 @@ def main() -> int:
         metrics = pd.read_parquet(metrics_file)
         print("checkpoints (training loss, validation loss, CLIP image similarity):")
         for row in metrics.itertuples():
-            mark = "  <- best, copied to textual_inversion/best/" if row.best else ""
-            print(f"  step {row.step:5d}  {row.training_loss:.4f}  {row.validation_loss:.4f}  {row.clip_image_similarity:.4f}{mark}")
+            mark = f"  <- best, copied to {row.method}/best/" if row.best else ""
+            print(f"  {row.method} step {row.step:5d}  {row.training_loss:.4f}  {row.validation_loss:.4f}  {row.clip_image_similarity:.4f}{mark}")
     report = report_path(paths, DATASET)
     print(f"evaluation report (open in a browser):\n  {report.as_uri() if report.is_file() else '(missing)'}")
     print("\nsee them in the UI: make ui, then open http://127.0.0.1:3000")

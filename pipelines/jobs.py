@@ -5,6 +5,8 @@ from __future__ import annotations
 from dagster import AssetSelection, define_asset_job
 
 from assets import (
+    METHOD_ASSETS,
+    TRAINED_METHODS,
     evaluation_grid,
     evaluation_metrics,
     evaluation_report,
@@ -12,7 +14,6 @@ from assets import (
     prepared_images,
     tag_scores,
     tag_table,
-    textual_inversion,
 )
 from assets.partitions import datasets_partitions
 from pipelines.run_tags import run_tags_for
@@ -38,11 +39,11 @@ retag_job = define_asset_job(
 )
 train_job = define_asset_job(
     "train",
-    selection=[textual_inversion, evaluation_grid, evaluation_metrics, evaluation_report],
+    selection=[*METHOD_ASSETS, evaluation_grid, evaluation_metrics, evaluation_report],
     partitions_def=datasets_partitions,
-    tags=run_tags_for(["textual_inversion", "evaluation_grid", "evaluation_metrics", "evaluation_report"]),
-    description="Train the textual-inversion embedding, render its evaluation grid, score its checkpoints and "
-    "write the HTML report.",
+    tags=run_tags_for([*TRAINED_METHODS, "evaluation_grid", "evaluation_metrics", "evaluation_report"]),
+    description="Train the methods the dataset lists in training.methods (the others record that they were not "
+    "trained), render their evaluation grids, score their checkpoints and write the HTML report.",
 )
 
 all_jobs = [observe_job, prepare_job, retag_job, train_job]

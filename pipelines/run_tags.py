@@ -18,13 +18,16 @@ STAGE_OF_ASSET = {
     "tag_scores": "tagging",
     "tag_table": "captions",
     "textual_inversion": "train",
+    "dreamartist": "train",
+    "hypernetwork": "train",
+    "lora": "train",
+    "dreambooth": "train",
     "evaluation_grid": "evaluation",
     "evaluation_metrics": "evaluation",
     "evaluation_report": "evaluation",
 }
-METHOD_OF_ASSET = {
-    "textual_inversion": "textual_inversion", "evaluation_grid": "textual_inversion", "evaluation_metrics": "textual_inversion",
-}
+# Method assets are named after their method; the evaluation serves all of them, so it carries none.
+METHOD_OF_ASSET = {name: name for name in ("textual_inversion", "dreamartist", "hypernetwork", "lora", "dreambooth")}
 
 
 def run_tags_for(asset_names: Iterable[str], dataset: str | None = None) -> dict[str, str]:

@@ -8,13 +8,8 @@ import torch
 from dagster import AssetCheckSeverity, Failure
 
 from assets.dataset_settings import TrainingSettings
-from assets.textual_inversion import (
-    MAX_PREVIEWS,
-    evaluation_metadata,
-    loss_check_results,
-    preview_metadata,
-    trainer_settings,
-)
+from assets.method_training import MAX_PREVIEWS, evaluation_metadata, loss_check_results, preview_metadata
+from assets.textual_inversion import trainer_settings
 from training.textual_inversion import Evaluation, TrainingResult
 
 
@@ -78,7 +73,9 @@ def _result(losses: list[float]) -> TrainingResult:
 
 def _checks(losses: list[float], **training) -> dict:
     section = TrainingSettings(max_steps=len(losses), **training)
-    results = loss_check_results(_result(losses), section, trainer_settings(section, "mycat"))
+    result = _result(losses)
+    save_every = trainer_settings(section, "mycat").save_every
+    results = loss_check_results(result, section, save_every, "embedding_is_finite", bool(result.vectors.isfinite().all()))
     return {result.check_name: result for result in results}
 
 

@@ -30,6 +30,8 @@ from common.hashing import cached_file_sha256, json_sha256
 from training.aesthetic import AestheticGradients
 from training.base_model import BaseModel
 from training.embedding_formats import read_embedding
+from training.hypernetwork import Hypernetwork
+from training.hypernetwork_attention import apply_hypernetwork
 from training.negative_embedding import negative_embedding_path, negative_name
 from training.prompt_encoding import check_clip_skip, encode_input_ids
 from training.templates import render_prompt
@@ -173,8 +175,20 @@ def dreamartist_applied(
             yield AppliedMethod(encode, lambda text: encode_negative(with_negative_embedding(text, negative.name)))
 
 
+@contextmanager
+def hypernetwork_applied(
+    pipeline: StableDiffusionPipeline, checkpoint: Checkpoint, strength: float, clip_skip: int
+) -> Iterator[Encoder]:
+    """The webui hypernetwork file on the pipeline's UNet at `strength` (the webui's multiplier); prompts are
+    plain text. The UNet's processors are restored afterwards, even on error."""
+    hypernetwork = Hypernetwork.load(checkpoint.path).to(pipeline.unet.device).frozen()
+    with apply_hypernetwork(pipeline.unet, hypernetwork, strength):
+        yield lambda prompt: prompt_embeddings(pipeline, prompt, clip_skip)
+
+
 METHOD_APPLIERS: dict[str, Callable[..., AbstractContextManager[Encoder | AppliedMethod]]] = {
     "textual_inversion": textual_inversion_applied,
+    "hypernetwork": hypernetwork_applied,
     "dreamartist": dreamartist_applied,
 }
 # Files besides the checkpoint that a method's cells depend on: they must exist, and their hashes join the cell key.

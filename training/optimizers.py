@@ -1,4 +1,4 @@
-"""The optimizers a textual-inversion run can use: torch's AdamW, or bitsandbytes' 8-bit AdamW.
+"""The optimizers a training run can use: torch's AdamW, or bitsandbytes' 8-bit AdamW.
 
 Why a probe step for 8-bit AdamW: bitsandbytes often imports fine and fails only at the first update
 (no CUDA, a CPU-only build, a mismatched CUDA runtime). Failing before training starts, with the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -44,14 +45,20 @@ def _probe(optimizer_class: type[torch.optim.Optimizer], device: torch.device) -
         ) from error
 
 
+def _first_device(parameters: Sequence[torch.nn.Parameter] | Sequence[dict[str, Any]]) -> torch.device:
+    first = parameters[0]
+    return (first["params"][0] if isinstance(first, dict) else first).device
+
+
 def make_optimizer(
-    name: str, parameters: Sequence[torch.nn.Parameter], lr: float, weight_decay: float
+    name: str, parameters: Sequence[torch.nn.Parameter] | Sequence[dict[str, Any]], lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """AdamW over exactly `parameters` (the learned vectors), so weight decay cannot touch anything else."""
+    """AdamW over exactly `parameters` (what the method trains, as tensors or torch parameter groups), so
+    weight decay cannot touch anything else."""
     if name == "adamw":
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     if name == "adamw8bit":
         optimizer_class = _bitsandbytes_adamw8bit()
-        _probe(optimizer_class, parameters[0].device)
+        _probe(optimizer_class, _first_device(parameters))
         return optimizer_class(parameters, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")

@@ -1,8 +1,8 @@
-"""Preview images during textual-inversion training, as the webui's "save an image every N steps".
+"""Preview images during training, as the webui's "save an image every N steps".
 
-Why the learned vectors are spliced into the prompt here instead of loading the embedding into the
-pipeline: loading modifies the shared tokenizer and text encoder; splicing uses the same code path as the
-training loss, so a preview shows exactly what the step trained. Each preview draws its noise from its
+Why a preview encodes its prompt with the training method's own encoder (for textual inversion, the learned
+vectors spliced into the prompt) instead of loading the result into the pipeline: loading modifies the shared
+tokenizer and text encoder; the training code path shows exactly what the step trained. Each preview draws its noise from its
 own generator seeded with preview_seed, so previews never advance the training generator and a run with
 previews ends with the same vectors as one without. preview_seed -1 (the webui's "random") draws each seed
 from the operating system, never from the training generator, and the seed is written into the PNG's
@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import io
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -22,14 +24,13 @@ from PIL import Image, PngImagePlugin
 
 from common.atomic import write_bytes
 from training.base_model import BaseModel
-from training.embedding_formats import webui_embedding_dict
 from training.evaluation import SAMPLERS, build_pipeline, prompt_embeddings, render_conditioned
 from training.png_embedding import save_png_embedding
-from training.prompt_encoding import encode_prompts, tokenize_with_placeholder
 from training.templates import render_prompt
 
 IMAGES_DIR = "images"  # the webui's folder names under the embedding's log directory
 IMAGE_EMBEDDINGS_DIR = "image_embeddings"
+Encoder = Callable[[list[str]], torch.Tensor]  # prompts -> (batch, tokens, hidden) conditioning
 WEBUI_SAMPLER_NAMES = {"ddim": "DDIM", "dpm": "DPM++ 2M", "euler": "Euler", "euler_a": "Euler a", "pndm": "PLMS"}
 
 
@@ -60,12 +61,13 @@ class PreviewRenderer:
     """Renders and saves the previews of one run over the shared, frozen base model."""
 
     def __init__(
-        self, base: BaseModel, settings: PreviewSettings, name: str, clip_skip: int, with_embedding: bool = True
+        self, base: BaseModel, settings: PreviewSettings, name: str, clip_skip: int, unet: torch.nn.Module | None = None
     ) -> None:
-        """with_embedding (webui: save_image_with_stored_embedding): also write a PNG that carries the embedding."""
+        """unet: the UNet being trained when it is not the base model's own (a fine-tuned copy)."""
         self.base, self.settings, self.name, self.clip_skip = base, settings, name, clip_skip
-        self.with_embedding = with_embedding
         self.pipeline: StableDiffusionPipeline = build_pipeline(base, settings.sampler)
+        if unet is not None and unet is not base.unet:
+            self.pipeline.unet = unet
 
     def prompt_for(self, training_prompt: str) -> str:
         return render_prompt(self.settings.prompt, self.name, "") if self.settings.prompt else training_prompt
@@ -87,24 +89,26 @@ class PreviewRenderer:
         return "\n".join(lines)
 
     @torch.no_grad()
-    def render(self, vectors: torch.Tensor, prompt: str, seed: int | None = None) -> Image.Image:
-        tokens = tokenize_with_placeholder(self.base.tokenizer, [prompt], self.name, vectors.shape[0])
-        conditioning = encode_prompts(self.base.text_encoder, tokens, vectors.detach(), self.clip_skip)
+    def render(self, encode: Encoder, prompt: str, seed: int | None = None) -> Image.Image:
+        """encode: the method's prompt encoding (the training code path, so a preview shows what was trained)."""
+        conditioning = encode([prompt])
         negative = prompt_embeddings(self.pipeline, self.settings.negative_prompt, self.clip_skip)
         return render_conditioned(
             self.pipeline, conditioning.to(self.base.dtype), negative.to(self.base.dtype),
             self.settings.seed if seed is None else seed, self.settings.steps, self.settings.cfg_scale,
         )  # fmt: skip
 
-    def save(self, vectors: torch.Tensor, training_prompt: str, step: int, out_dir: Path) -> dict[str, Path]:
-        """`images/<name>-<step>.png` and, when asked, `image_embeddings/<name>-<step>.png` (the webui's layout)."""
+    def save(
+        self, encode: Encoder, training_prompt: str, step: int, out_dir: Path, embedding: dict[str, Any] | None = None
+    ) -> dict[str, Path]:
+        """`images/<name>-<step>.png` and, given the webui embedding data (save_image_with_stored_embedding),
+        `image_embeddings/<name>-<step>.png` carrying it (the webui's layout)."""
         prompt, seed = self.prompt_for(training_prompt), self.seed_for_next()
-        image = self.render(vectors, prompt, seed)
-        files = preview_files(out_dir, self.name, step, self.with_embedding)
+        image = self.render(encode, prompt, seed)
+        files = preview_files(out_dir, self.name, step, embedding is not None)
         write_bytes(files[f"preview_{step}"], _png_bytes(image, self.infotext(prompt, seed, *image.size)))
-        if self.with_embedding:
-            data = webui_embedding_dict(self.name, vectors, step, self.base.short_hash, self.base.name)
-            save_png_embedding(files[f"preview_{step}_embedding"], image, data)
+        if embedding is not None:
+            save_png_embedding(files[f"preview_{step}_embedding"], image, embedding)
         return files
 
 

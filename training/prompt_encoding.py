@@ -9,6 +9,7 @@ in the prompt and expands them into the embedding's vectors.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -109,6 +110,37 @@ def encode_input_ids(text_encoder: CLIPTextModel, input_ids: torch.Tensor, clip_
     return encode_embeddings(text_encoder, table(input_ids.to(table.weight.device)), clip_skip)
 
 
+class CachedPromptEncoder:
+    """Prompts through the frozen text encoder, each distinct prompt encoded once per run.
+
+    Why: when only the UNet side trains (hypernetworks, LoRA without the text encoder), the conditioning of a
+    prompt never changes, and templates times captions repeat prompts over the epochs. The cache is bounded
+    (least recently used first out), since tag shuffling can make nearly every prompt new.
+    """
+
+    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, clip_skip: int = 1,
+                 capacity: int = 4096) -> None:  # fmt: skip
+        self.tokenizer, self.text_encoder, self.clip_skip, self.capacity = tokenizer, text_encoder, clip_skip, capacity
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.encoded = 0  # prompts the text encoder ran on (cache misses)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(prompt for prompt in prompts if prompt not in self.cache))
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids  # fmt: skip
+            for prompt, row in zip(missing, encode_input_ids(self.text_encoder, ids, self.clip_skip)):
+                self.cache[prompt] = row
+            self.encoded += len(missing)
+        for prompt in prompts:
+            self.cache.move_to_end(prompt)
+        rows = torch.stack([self.cache[prompt] for prompt in prompts])
+        while len(self.cache) > self.capacity:
+            self.cache.popitem(last=False)
+        return rows
+
+
 def encode_prompts(
     text_encoder: CLIPTextModel, prompts: PlaceholderPrompts, vectors: torch.Tensor, clip_skip: int = 1
 ) -> torch.Tensor:
@@ -124,6 +156,16 @@ def encode_prompts(
     learned = vectors.to(device=table.device, dtype=table.dtype)[slots.clamp(min=0)]
     inputs_embeds = torch.where((slots != NO_SLOT)[..., None], learned, frozen)
     return encode_embeddings(text_encoder, inputs_embeds, clip_skip)
+
+
+def encode_with_vectors(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: Sequence[str], name: str, vectors: torch.Tensor,
+    clip_skip: int = 1,
+) -> torch.Tensor:
+    """Prompts to conditioning with `vectors` wherever `name` appears: the encoding training, validation and
+    previews share."""
+    tokens = tokenize_with_placeholder(tokenizer, prompts, name, vectors.shape[0])
+    return encode_prompts(text_encoder, tokens, vectors, clip_skip)
 
 
 def initial_vectors(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, text: str, n_vectors: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""The full state of a textual-inversion run, saved with each checkpoint so a crash loses nothing.
+"""The full state of a training run (any method), saved with each checkpoint so a crash loses nothing.
 
-Why everything and not just the vectors: resuming from the vectors alone restarts AdamW's moments, the
+Why everything and not just the vectors: resuming from the weights alone restarts AdamW's moments, the
 batch order and every random draw, so the resumed run is a different run. With the optimizer, gradient
 scaler, sampler position, generator state, step and loss log restored, a run killed at step k and
 resumed ends with the same bytes as one that was never interrupted (on CPU). The evaluation rows (validation
@@ -19,15 +19,16 @@ import torch
 from common.atomic import atomic_path
 
 STATE_FILE = "training_state.pt"
-_FORMAT = 2
-_FORMATS_READ = (1, 2)  # format 1 had no evaluation rows: it resumes with none
+_FORMAT = 3
+_FORMATS_READ = (1, 2, 3)  # 1 had no evaluation rows (it resumes with none); 1 and 2 held textual inversion's
+# "vectors" only, read as the weights {"vectors": ...}
 
 
 @dataclass
 class TrainingState:
     run_key: str  # hash of everything that defines the run (settings, examples, base model)
     step: int  # optimizer steps completed
-    vectors: torch.Tensor  # float32 CPU
+    weights: dict[str, torch.Tensor]  # everything trained, by the method's names; float32 CPU
     optimizer: dict[str, Any]
     scaler: dict[str, Any]
     generator: torch.Tensor  # torch.Generator.get_state()
@@ -42,7 +43,7 @@ class TrainingState:
             "format": _FORMAT,
             "run_key": self.run_key,
             "step": self.step,
-            "vectors": self.vectors.detach().to("cpu", torch.float32).clone(),
+            "weights": {name: tensor.detach().to("cpu", torch.float32).clone() for name, tensor in self.weights.items()},
             "optimizer": self.optimizer,
             "scaler": self.scaler,
             "generator": self.generator,
@@ -78,6 +79,8 @@ def load_state(path: Path, run_key: str) -> TrainingState | None:
     if raw["run_key"] != run_key:
         return None
     fields = {key: raw[key] for key in TrainingState.__dataclass_fields__ if key in raw}
-    if not torch.isfinite(fields["vectors"]).all():
-        raise ValueError(f"{path}: the saved vectors are not finite; delete it to start over")
+    if "vectors" in raw:
+        fields["weights"] = {"vectors": raw["vectors"]}
+    if not all(torch.isfinite(tensor).all() for tensor in fields["weights"].values()):
+        raise ValueError(f"{path}: the saved weights are not finite; delete it to start over")
     return TrainingState(**fields)

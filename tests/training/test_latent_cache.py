@@ -46,17 +46,17 @@ def test_cached_distributions_are_the_vaes_and_keyed_by_its_weights(tiny_base: B
 
 def test_latent_sampling_methods(tiny_base: BaseModel, subject_examples, tmp_path: Path, monkeypatch) -> None:
     """deterministic uses the mean, once one draw per run, random a new draw per use (as in the webui)."""
-    from training import textual_inversion
+    from training import training_loop
 
     seen: dict[str, list[torch.Tensor]] = {}
-    original = textual_inversion._Trainer.latents_for
+    original = training_loop._Trainer.latents_for
 
     def record(self, indices):
         latents = original(self, indices)
         seen.setdefault(self.settings.latent_sampling_method, []).append(latents.clone())
         return latents
 
-    monkeypatch.setattr(textual_inversion._Trainer, "latents_for", record)
+    monkeypatch.setattr(training_loop._Trainer, "latents_for", record)
     example = subject_examples[:1]
     mean, _, _ = latent_distributions(tiny_base.vae, [example[0].image_path], tiny_base.vae_scale_factor, None)
     for method in ("deterministic", "once", "random"):

@@ -44,7 +44,8 @@ class _RecordingAdamW8bit(torch.optim.AdamW):
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0) -> None:
         params = list(params)
-        type(self).created.append({"shapes": [tuple(p.shape) for p in params], "lr": lr, "weight_decay": weight_decay})
+        tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]  # tensors or groups
+        type(self).created.append({"shapes": [tuple(t.shape) for t in tensors], "lr": lr, "weight_decay": weight_decay})
         super().__init__(params, lr=lr, weight_decay=weight_decay)
 
 

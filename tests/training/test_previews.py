@@ -14,8 +14,13 @@ from PIL import Image
 from tests.training.conftest import stop_after
 from training.base_model import BaseModel
 from training.embedding_formats import load_embedding, read_embedding
-from training.previews import PreviewRenderer, PreviewSettings
+from training.previews import Encoder, PreviewRenderer, PreviewSettings
+from training.prompt_encoding import encode_with_vectors
 from training.textual_inversion import TextualInversionSettings, train_textual_inversion
+
+
+def encoder(base: BaseModel, vectors: torch.Tensor, clip_skip: int = 1) -> Encoder:
+    return lambda prompts: encode_with_vectors(base.tokenizer, base.text_encoder, prompts, "mycat", vectors, clip_skip)
 
 
 def run_settings(**overrides) -> TextualInversionSettings:
@@ -64,11 +69,11 @@ def test_previews_follow_the_vectors_the_prompt_and_the_seed(tiny_base: BaseMode
     assert renderer.prompt_for("training prompt of mycat") == "a photo of mycat"
     assert PreviewRenderer(tiny_base, PreviewSettings(), "mycat", 1).prompt_for("mycat, red") == "mycat, red"
     vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
-    first = np.asarray(renderer.render(vectors, "a photo of mycat"))
-    assert np.array_equal(first, np.asarray(renderer.render(vectors, "a photo of mycat")))
-    assert not np.array_equal(first, np.asarray(renderer.render(vectors * 3, "a photo of mycat")))
+    first = np.asarray(renderer.render(encoder(tiny_base, vectors), "a photo of mycat"))
+    assert np.array_equal(first, np.asarray(renderer.render(encoder(tiny_base, vectors), "a photo of mycat")))
+    assert not np.array_equal(first, np.asarray(renderer.render(encoder(tiny_base, vectors * 3), "a photo of mycat")))
     reseeded = PreviewRenderer(tiny_base, dataclasses.replace(settings, seed=4), "mycat", 1)
-    assert not np.array_equal(first, np.asarray(reseeded.render(vectors, "a photo of mycat")))
+    assert not np.array_equal(first, np.asarray(reseeded.render(encoder(tiny_base, vectors), "a photo of mycat")))
 
 
 def test_a_resumed_run_with_previews_ends_identical(tiny_base: BaseModel, subject_examples, tmp_path: Path) -> None:
@@ -89,13 +94,13 @@ def test_a_random_preview_seed_is_recorded_in_the_webui_parameters_and_reproduce
     tiny_base: BaseModel, tmp_path: Path
 ) -> None:
     settings = PreviewSettings(every=1, steps=2, seed=-1, sampler="euler_a", negative_prompt="blurry")
-    renderer = PreviewRenderer(tiny_base, settings, "mycat", clip_skip=2, with_embedding=False)
+    renderer = PreviewRenderer(tiny_base, settings, "mycat", clip_skip=2)
     vectors = torch.randn(1, 32, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(123)
     before = torch.get_rng_state()
     seeds = []
     for step in (1, 2):
-        path = renderer.save(vectors, "a photo of mycat", step, tmp_path)[f"preview_{step}"]
+        path = renderer.save(encoder(tiny_base, vectors, clip_skip=2), "a photo of mycat", step, tmp_path)[f"preview_{step}"]
         with Image.open(path) as image:
             parameters = image.text["parameters"]
         prompt, negative, details = parameters.split("\n")
@@ -103,7 +108,7 @@ def test_a_random_preview_seed_is_recorded_in_the_webui_parameters_and_reproduce
         assert "Steps: 2, Sampler: Euler a, CFG scale: 7," in details and "Clip skip: 2" in details
         seed = int(re.search(r"Seed: (\d+),", details).group(1))
         seeds.append(seed)
-        assert np.array_equal(_pixels(path), np.asarray(renderer.render(vectors, "a photo of mycat", seed)))
+        assert np.array_equal(_pixels(path), np.asarray(renderer.render(encoder(tiny_base, vectors, clip_skip=2), "a photo of mycat", seed)))
     assert seeds[0] != seeds[1]  # a 1-in-2**32 chance of a false failure
     assert torch.equal(torch.get_rng_state(), before)  # the global torch generator was not used
 

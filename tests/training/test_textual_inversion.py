@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from training import textual_inversion
+from training import training_loop
 from training.base_model import BaseModel, load_base_model
 from training.embedding_formats import load_embedding, webui_checksum
 from training.evaluation import build_pipeline, embedding_tokens
@@ -17,10 +17,9 @@ from training.textual_inversion import (
     TextualInversionSettings,
     TrainingDivergedError,
     TrainingExample,
-    caption_for_step,
-    EpochSampler,
     train_textual_inversion,
 )
+from training.training_loop import EpochSampler, caption_for_step
 
 
 def settings(**overrides) -> TextualInversionSettings:
@@ -148,7 +147,7 @@ def test_divergence_stops_with_the_step_and_writes_no_bad_embedding(tiny_base: B
 
 
 def test_an_infinite_loss_is_caught_before_the_update(tiny_base: BaseModel, subject_examples, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(textual_inversion._Trainer, "micro_batch_loss", lambda self, indices: torch.tensor(float("inf")))
+    monkeypatch.setattr(training_loop._Trainer, "micro_batch_loss", lambda self, step, indices: torch.tensor(float("inf")))
     with pytest.raises(TrainingDivergedError, match="diverged at step 1: the loss is inf"):
         train_textual_inversion(tiny_base, subject_examples[:4], settings(), tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -232,13 +231,14 @@ def test_keep_tokens_hold_the_first_tags_in_place() -> None:
 
 def test_gradient_clipping_follows_its_schedule(tiny_base: BaseModel, subject_examples, tmp_path: Path, monkeypatch) -> None:
     norms: list[float] = []
-    original = textual_inversion.clip_gradients
+    original = training_loop.clip_gradients
 
-    def record(vectors, mode, limit):
-        original(vectors, mode, limit)
+    def record(parameters, mode, limit):
+        original(parameters, mode, limit)
+        (vectors,) = parameters
         norms.append((mode, limit, float(vectors.grad.norm()), float(vectors.grad.abs().max())))
 
-    monkeypatch.setattr(textual_inversion, "clip_gradients", record)
+    monkeypatch.setattr(training_loop, "clip_gradients", record)
     run = settings(clip_grad_mode="norm", clip_grad_value="1e-6:2, 1e-5:3", max_steps=4)
     clipped = train_textual_inversion(tiny_base, subject_examples[:4], run, tmp_path / "norm")
     assert [limit for _, limit, _, _ in norms] == [1e-6, 1e-6, 1e-5, 1e-5]  # a schedule ending early keeps its last value

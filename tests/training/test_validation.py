@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.training.conftest import stop_after
-from training import textual_inversion
+from training import training_loop
 from training.base_model import BaseModel
 from training.diffusion_objective import noise_scheduler
 from training.embedding_formats import load_embedding
@@ -83,7 +83,7 @@ def test_validation_changes_neither_the_vectors_nor_the_random_stream(tiny_base:
     assert table["validation_loss"].gt(0).all() and table["validation_loss"].nunique() == 3
     # The row at step 2 is the loss of the checkpoint written at step 2, recomputed from its file.
     checkpoint = load_embedding(validated.files["checkpoint_2_webui_pt"])[1]
-    lines = textual_inversion.training_template(run_settings())
+    lines = training_loop.training_template(run_settings())
     fixed = build_validation_set(tiny_base.vae, tiny_base.vae_scale_factor, held_out, lines, "mycat",
                                  noise_scheduler(tiny_base).config.num_train_timesteps)
     assert loss_of(tiny_base, fixed, checkpoint, batch_size=2) == pytest.approx(table["validation_loss"][0], rel=1e-5)

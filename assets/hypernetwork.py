@@ -1,0 +1,92 @@
+"""`hypernetwork`: a webui hypernetwork trained on the prepared images and their captions."""
+
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
+
+from assets.dataset_settings import DatasetSettings
+from assets.metadata import settings_for
+from assets.method_selection import method_listed, not_trained
+from assets.method_training import (
+    check_names,
+    loop_settings_values,
+    loss_check_results,
+    loss_check_specs,
+    progress_logger,
+    run_metadata,
+    settings_or_failure,
+    train_in_asset,
+    write_run_file,
+)
+from assets.observations import settings_assets
+from assets.partitions import datasets_partitions
+from assets.placement import gpu_step
+from assets.prepared_images import prepared_images
+from assets.tag_table import tag_table
+from assets.textual_inversion import training_inputs
+from common.hashing import bytes_sha256
+from resources import BaseModelResource, ProjectPaths, TorchDevice
+from training.hypernetwork_training import HypernetworkOptions, train_hypernetwork
+from training.torch_files import torch_bytes
+from training.training_loop import LoopSettings
+
+STAGE = "hypernetwork"
+CHECKS = loss_check_specs(STAGE, "weights_are_finite")
+
+
+def hypernetwork_settings(settings: DatasetSettings, dataset: str) -> tuple[LoopSettings, HypernetworkOptions]:
+    """The training section with the hypernetwork section's learning rate (and template, when it sets one)."""
+    section = settings.hypernetwork
+    loop = settings_or_failure(lambda: LoopSettings(**{
+        **loop_settings_values(settings.training, dataset), "learning_rate": section.learning_rate,
+        **({"template": section.template} if section.template else {}),
+    }), dataset, "hypernetwork")  # fmt: skip
+    options = settings_or_failure(lambda: HypernetworkOptions(
+        **section.model_dump(exclude={"learning_rate", "template"})), dataset, "hypernetwork")  # fmt: skip
+    return loop, options
+
+
+@asset(
+    partitions_def=datasets_partitions,
+    deps=[prepared_images, tag_table, settings_assets["training"], settings_assets["hypernetwork"]],
+    group_name="training",
+    code_version="1",
+    **gpu_step(),
+    kinds={"pytorch"},
+    check_specs=CHECKS,
+    description="A webui hypernetwork (.pt with .optim, checkpoints, loss curve, validation loss) for datasets "
+    "that list `hypernetwork` in training.methods. Not eager: on demand or the nightly retrain.",
+)
+def hypernetwork(
+    context: AssetExecutionContext, paths: ProjectPaths, base_model: BaseModelResource, device: TorchDevice
+) -> MaterializeResult:
+    dataset = context.partition_key
+    settings = settings_for(paths, dataset)
+    if not method_listed(context, settings, dataset, STAGE):
+        return not_trained(settings, dataset, STAGE, check_names(CHECKS))
+    examples, held_out = training_inputs(paths, dataset)
+    loop, options = hypernetwork_settings(settings, dataset)
+    base = base_model.load(device)
+    context.log.info(f"training hypernetwork {loop.name!r} ({options.layer_structure}, {options.activation_func}) "
+                     f"on {len(examples)} images, {base.source} on {base.device}")  # fmt: skip
+    out_dir = paths.output_dir(dataset, STAGE)
+    run = train_in_asset(context, dataset, loop, base, lambda attempt: train_hypernetwork(
+        base, examples, attempt, options, out_dir, progress=progress_logger(context, loop.max_steps),
+        latent_cache=paths.data_root() / "cache" / "latents", log=context.log.info, validation_examples=held_out,
+    ))  # fmt: skip
+    result = run.result
+    files = {key: str(path) for key, path in result.files.items()}
+    write_run_file(out_dir, {"name": loop.name, "steps": result.steps, "clip_skip": loop.clip_skip, "files": files,
+                             "base_model": str(base.source), "sd_checkpoint": base.short_hash,
+                             "stopped_early_at": result.stopped_early_at})  # fmt: skip
+    weights = torch_bytes(result.weights)
+    return MaterializeResult(
+        metadata={
+            "hypernetwork_name": loop.name,
+            **run_metadata(run, base, len(examples), len(held_out)),
+            "layer_structure": MetadataValue.text(", ".join(f"{value:g}" for value in options.layer_structure)),
+            "webui_pt": MetadataValue.path(files["webui_pt"]),
+        },
+        data_version=DataVersion(bytes_sha256(weights)),
+        check_results=loss_check_results(result, settings.training, loop.save_every, "weights_are_finite",
+                                         result.finite),
+    )  # fmt: skip
+
