@@ -74,17 +74,18 @@ def test_the_pair_is_trained_for_a_listing_dataset_and_skipped_otherwise(project
         _materialize(defs, instance)
         skipped = instance.get_latest_materialization_event(AssetKey(STAGE)).asset_materialization
         assert skipped.metadata["trained"].value is False
-        assert not paths.output_dir(DATASET, STAGE).exists()
+        assert not (paths.output_dir(DATASET, STAGE) / "training_run.json").exists()
 
         edit_settings(dataset_dir, "training", methods=["dreamartist"])
         _materialize(defs, instance)
         trained = instance.get_latest_materialization_event(AssetKey(STAGE)).asset_materialization
         assert trained.metadata["steps"].value == 3
-        assert trained.metadata["negative_embedding_name"].value == f"{DATASET}-neg"
         run = json.loads((paths.output_dir(DATASET, STAGE) / "training_run.json").read_text())
-        assert run["name"] == DATASET and run["negative_name"] == f"{DATASET}-neg"
+        name = run["name"]  # the demo's training.embedding_name
+        assert trained.metadata["negative_embedding_name"].value == run["negative_name"] == f"{name}-neg"
         positive, negative = read_embedding(run["files"]["webui_pt"]), read_embedding(run["files"]["negative_webui_pt"])
-        assert positive.vectors.shape[0] == 2 and negative.vectors.shape[0] == 3 and negative.name == f"{DATASET}-neg"
+        assert positive.vectors.shape[0] == 2 and negative.vectors.shape[0] == 3
+        assert (positive.name, negative.name) == (name, f"{name}-neg")
         assert Path(run["files"]["checkpoint_2_negative_diffusers"]).is_file()
         checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
             [key for key in defs.resolve_asset_graph().asset_check_keys if key.asset_key == AssetKey(STAGE)]
