@@ -306,6 +306,27 @@ class HypernetworkSettings(_Section):
         return _number_as_text(value)
 
 
+class LoraSettings(_Section):
+    """LoRA (asset lora): adapters on the UNet attention projections, optionally the text encoder's; every
+    other training setting (batch, steps, template, seed, resume, memory options) comes from `training:`."""
+
+    rank: int = Field(4, ge=1, le=1024, description="kohya network_dim: the adapters' rank")
+    alpha: float = Field(4.0, gt=0, description="kohya network_alpha: updates are scaled by alpha / rank (4/4: 1)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input (peft lora_dropout)")
+    learning_rate: str = Field("1e-4", description="the rate or webui schedule (replaces training.learning_rate, "
+                               "whose 0.005 suits embeddings, not LoRA)")
+    unet_lr: float | None = Field(None, gt=0, description="kohya unet_lr: the UNet adapters' rate in the schedule's "
+                                  "first segment, later segments scaled alike; null: learning_rate")
+    text_encoder_lr: float = Field(0.0, ge=0, description="kohya text_encoder_lr, scaled alike; 0: the text encoder "
+                                   "is frozen (no adapters; its outputs are cached per prompt)")
+    max_steps: int | None = Field(None, ge=1, description="replaces training.max_steps; null: training's")
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _rate_as_text(cls, value: object) -> object:
+        return _number_as_text(value)
+
+
 class DreamArtistSettings(_Section):
     """DreamArtist / APT (the webui extension's names in the descriptions); the common loop settings (batch,
     template, seed, checkpoints, resume, ...) come from `training:`, the initialization of the positive
@@ -353,6 +374,7 @@ class DatasetSettings(_Section):
     evaluation: EvaluationSettings = EvaluationSettings()
     aesthetic: AestheticSettings = AestheticSettings()
     hypernetwork: HypernetworkSettings = HypernetworkSettings()
+    lora: LoraSettings = LoraSettings()
     dreamartist: DreamArtistSettings = DreamArtistSettings()
 
 

@@ -11,6 +11,7 @@ from dagster import AssetsDefinition, Failure
 
 from assets.dataset_settings import DatasetSettings
 from assets.hypernetwork import hypernetwork
+from assets.lora import lora
 from assets.method_training import RUN_FILE, read_run_file
 from assets.textual_inversion import textual_inversion
 from resources import ProjectPaths
@@ -28,6 +29,7 @@ TRAINED_METHODS: dict[str, TrainedMethod] = {
     for method in (
         TrainedMethod("textual_inversion", textual_inversion, "diffusers"),
         TrainedMethod("hypernetwork", hypernetwork, "webui_pt"),
+        TrainedMethod("lora", lora, "kohya"),
     )
 }
 METHOD_ASSETS = [method.asset for method in TRAINED_METHODS.values()]

@@ -24,6 +24,7 @@ def test_dagster_definitions_validate_passes_on_workspace(tmp_path):
 
 
 def test_graph_shape():
+    from assets.trained_methods import TRAINED_METHODS
     from pipelines.definitions import defs
 
     graph = defs.resolve_asset_graph()
@@ -33,12 +34,14 @@ def test_graph_shape():
     assert parents["tag_scores"] == ["prepared_images", "tagging_settings"]
     assert parents["tag_table"] == ["captions_settings", "tag_scores"]
     assert parents["textual_inversion"] == ["prepared_images", "tag_table", "training_settings"]
-    assert parents["evaluation_grid"] == ["evaluation_settings", "textual_inversion"]
-    assert parents["evaluation_metrics"] == ["evaluation_grid", "evaluation_settings", "textual_inversion"]
+    assert parents["hypernetwork"] == ["hypernetwork_settings", "prepared_images", "tag_table", "training_settings"]
+    methods = sorted(TRAINED_METHODS)
+    assert parents["evaluation_grid"] == sorted(["evaluation_settings", *methods])
+    assert parents["evaluation_metrics"] == sorted(["evaluation_grid", "evaluation_settings", *methods])
     assert parents["evaluation_report"] == ["evaluation_grid", "evaluation_metrics", "prepared_images", "tag_table"]
     assert parents["aesthetic_embedding"] == ["aesthetic_settings", "prepared_images"]
     pools = {key.to_user_string(): graph.get(key).pools for key in graph.get_all_asset_keys()}
-    for name in ("tag_scores", "textual_inversion", "evaluation_grid", "evaluation_metrics", "aesthetic_embedding"):
+    for name in ("tag_scores", *TRAINED_METHODS, "evaluation_grid", "evaluation_metrics", "aesthetic_embedding"):
         assert pools[name] == {"gpu"}
     assert not pools["evaluation_report"]  # it loads no model
     assert {job.name for job in defs.jobs} >= {"prepare", "retag", "train"}

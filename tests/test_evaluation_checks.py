@@ -10,11 +10,26 @@ from assets.evaluation_metrics import metric_checks
 from training.checkpoint_selection import best_row
 
 
-def _checks(training: list[float], validation: list[float], **settings) -> dict:
-    frame = pd.DataFrame({"step": range(100, 100 * (len(training) + 1), 100), "training_loss": training,
-                          "validation_loss": validation, "checkpoint": "x.safetensors"})  # fmt: skip
+def _frame(training: list[float], validation: list[float], method: str = "textual_inversion") -> pd.DataFrame:
+    frame = pd.DataFrame({"method": method, "step": range(100, 100 * (len(training) + 1), 100),
+                          "training_loss": training, "validation_loss": validation, "checkpoint": "x.safetensors"})  # fmt: skip
     frame["best"] = [index == best_row(frame) for index in range(len(frame))]
+    return frame
+
+
+def _checks(training: list[float], validation: list[float], **settings) -> dict:
+    frame = _frame(training, validation)
     return {check.check_name: check for check in metric_checks(frame, EvaluationSettings(**settings))}
+
+
+def test_with_several_methods_the_worst_one_decides_and_is_named() -> None:
+    good = _frame([0.5, 0.4, 0.3, 0.2], [0.50, 0.45, 0.40, 0.35])
+    overfit = _frame([0.5, 0.4, 0.3, 0.2], [0.50, 0.45, 0.47, 0.49], method="hypernetwork")
+    checks = {c.check_name: c for c in metric_checks(pd.concat([good, overfit], ignore_index=True), EvaluationSettings())}
+    assert not checks["not_overfitting"].passed
+    assert checks["not_overfitting"].metadata["method"].value == "hypernetwork"
+    assert checks["not_overfitting"].metadata["keep_checkpoint_step"].value == 200
+    assert metric_checks(good, EvaluationSettings())[2].passed
 
 
 def test_overfitting_names_the_checkpoint_to_keep() -> None:

@@ -18,6 +18,7 @@ from dagster import (
 )
 
 from assets.partitions import datasets_partitions
+from assets.trained_methods import TRAINED_METHODS
 from tests.conftest import make_project
 from tests.helpers import edit_settings
 
@@ -56,7 +57,7 @@ def materialize_only(defs, instance: DagsterInstance, *keys: str) -> None:
 
 
 def requested(result) -> dict[str, set[str]]:
-    keys = ["prepared_images", "tag_scores", "tag_table", "textual_inversion", "evaluation_grid", "evaluation_metrics",
+    keys = ["prepared_images", "tag_scores", "tag_table", *TRAINED_METHODS, "evaluation_grid", "evaluation_metrics",
             "evaluation_report"]
     found = {key: result.get_requested_partitions(AssetKey(key)) for key in keys}
     return {key: partitions for key, partitions in found.items() if partitions}
@@ -195,8 +196,8 @@ def test_settings_edits_request_only_the_stages_that_read_them(materialized):
     # The new captions made training unsynced; it waits for the night, then runs with its evaluation.
     night = _next_2am(next(clock))
     assert tick(night) == {
-        "textual_inversion": {DATASET}, "evaluation_grid": {DATASET}, "evaluation_metrics": {DATASET},
-        "evaluation_report": {DATASET},
+        **{method: {DATASET} for method in TRAINED_METHODS}, "evaluation_grid": {DATASET},
+        "evaluation_metrics": {DATASET}, "evaluation_report": {DATASET},
     }
     run_job(defs, instance, "train")
     assert tick(night + timedelta(hours=1)) == {}

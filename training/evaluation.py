@@ -186,9 +186,36 @@ def hypernetwork_applied(
         yield lambda prompt: prompt_embeddings(pipeline, prompt, clip_skip)
 
 
+@contextmanager
+def lora_applied(
+    pipeline: StableDiffusionPipeline, checkpoint: Checkpoint, strength: float, clip_skip: int
+) -> Iterator[Encoder]:
+    """A kohya LoRA file through diffusers' `load_lora_weights` (which converts kohya keys), strength as the
+    adapter weight (the webui's `<lora:name:strength>`); unloaded afterwards even on error, so the shared
+    UNet and text encoder come back bit for bit."""
+    models = (pipeline.unet, pipeline.text_encoder)
+    requires_grad = [[parameter.requires_grad for parameter in model.parameters()] for model in models]
+    attributes = [set(model.__dict__) for model in models]  # unloading leaves peft markers behind
+    try:
+        try:
+            pipeline.load_lora_weights(os.fspath(checkpoint.path), adapter_name="evaluated")
+        except (ValueError, KeyError, OSError) as error:
+            raise ValueError(f"{checkpoint.path}: diffusers cannot load this LoRA file: {error}") from error
+        pipeline.set_adapters(["evaluated"], adapter_weights=[strength])
+        yield lambda prompt: prompt_embeddings(pipeline, prompt, clip_skip)
+    finally:
+        pipeline.unload_lora_weights()
+        for model, flags, names in zip(models, requires_grad, attributes):
+            for parameter, flag in zip(model.parameters(), flags):
+                parameter.requires_grad_(flag)
+            for name in set(model.__dict__) - names:
+                delattr(model, name)
+
+
 METHOD_APPLIERS: dict[str, Callable[..., AbstractContextManager[Encoder | AppliedMethod]]] = {
     "textual_inversion": textual_inversion_applied,
     "hypernetwork": hypernetwork_applied,
+    "lora": lora_applied,
     "dreamartist": dreamartist_applied,
 }
 # Files besides the checkpoint that a method's cells depend on: they must exist, and their hashes join the cell key.

@@ -17,13 +17,14 @@ from celery import Celery
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 
 from assets.partitions import datasets_partitions
+from assets.trained_methods import TRAINED_METHODS
 from tests.integration.conftest import DATASET, small_project
 from tests.integration.project import PROJECT, instance_home, subprocess_env
 from tests.integration.servers import READY_TIMEOUT_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-GPU_STEPS = {"tag_scores", "textual_inversion", "evaluation_grid", "evaluation_metrics"}
+GPU_STEPS = {"tag_scores", *TRAINED_METHODS, "evaluation_grid", "evaluation_metrics"}
 CPU_STEPS = {"prepared_images", "tag_table"}
 WORKERS = ("gpu-1", "cpu-1")  # names given by deploy/start_celery_workers.sh
 RUN_GUARD_S = 900  # a hung run fails the test instead of hanging CI; not a timing assertion

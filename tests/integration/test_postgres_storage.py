@@ -9,12 +9,13 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, in_proc
 from assets.partitions import datasets_partitions
 from pipelines.definitions import build_definitions
 from resources import BaseModelResource, ProjectPaths, TaggerResource, TorchDevice
+from assets.trained_methods import TRAINED_METHODS
 from tests.integration.conftest import DATASET, small_project
 from tests.integration.project import instance_home
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-COMPUTED = {"prepared_images", "tag_scores", "tag_table", "textual_inversion", "evaluation_grid", "evaluation_metrics",
+COMPUTED = {"prepared_images", "tag_scores", "tag_table", *TRAINED_METHODS, "evaluation_grid", "evaluation_metrics",
             "evaluation_report"}
 
 

@@ -93,7 +93,7 @@ def test_early_stopping_stops_at_the_checkpoint_and_writes_the_final_files(
     tiny_base: BaseModel, subject_examples, tmp_path: Path, monkeypatch
 ) -> None:
     values = iter([0.5, 0.4, 0.45, 0.41, 0.3])  # best at the 2nd evaluation, then two without improvement
-    monkeypatch.setattr(textual_inversion, "validation_loss", lambda *args, **kwargs: next(values))
+    monkeypatch.setattr(training_loop, "validation_loss", lambda *args, **kwargs: next(values))
     messages: list[str] = []
     run = run_settings(max_steps=10, save_every=1, early_stopping_patience=2)
     result = train_textual_inversion(tiny_base, subject_examples[:4], run, tmp_path, log=messages.append,
@@ -157,10 +157,11 @@ def test_a_state_of_the_previous_format_resumes_without_rows(tiny_base: BaseMode
                                 validation_examples=held_out)
     state_path = tmp_path / "checkpoints" / "training_state.pt"
     old = torch.load(state_path, weights_only=True)
-    old = {key: value for key, value in old.items() if key not in ("evaluations", "validation_key")} | {"format": 1}
+    old = {key: value for key, value in old.items() if key not in ("evaluations", "validation_key", "weights")}
+    old |= {"format": 1, "vectors": torch.load(state_path, weights_only=True)["weights"]["vectors"]}  # format 1's layout
     torch.save(old, state_path)
     resumed = train_textual_inversion(tiny_base, train, run_settings(), tmp_path, validation_examples=held_out)
     assert resumed.resumed_from == 2 and [row.step for row in resumed.validations] == [4, 5]
     torch.save(old | {"format": 7}, state_path)
-    with pytest.raises(ValueError, match="not a training state of format 2"):
+    with pytest.raises(ValueError, match="not a training state of format 3"):
         train_textual_inversion(tiny_base, train, run_settings(), tmp_path, validation_examples=held_out)
