@@ -450,11 +450,13 @@ class DreamArtistResult:
         """Both embeddings stacked (positive rows first): what the data version and the finiteness check see."""
         return torch.cat([self.positive, self.negative])
 
-    def __getattr__(self, name: str) -> Any:  # steps, losses, files, validations, stopped_early_at, ...
-        if name in {"steps", "losses", "rates", "files", "resumed_from", "images_encoded", "validations",
-                    "stopped_early_at"}:  # fmt: skip
-            return getattr(self.loop, name)
-        raise AttributeError(name)
+    steps = property(lambda self: self.loop.steps)
+    losses = property(lambda self: self.loop.losses)
+    files = property(lambda self: self.loop.files)
+    resumed_from = property(lambda self: self.loop.resumed_from)
+    images_encoded = property(lambda self: self.loop.images_encoded)
+    validations = property(lambda self: self.loop.validations)
+    stopped_early_at = property(lambda self: self.loop.stopped_early_at)
 
 
 def train_dreamartist(
