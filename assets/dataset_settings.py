@@ -359,6 +359,45 @@ class DreamBoothSettings(_Section):
         return _number_as_text(value)
 
 
+class DreamArtistSettings(_Section):
+    """DreamArtist / APT (the webui extension's names in the descriptions); the common loop settings (batch,
+    template, seed, checkpoints, resume, ...) come from `training:`, the initialization of the positive
+    embedding too (initialization_text / initialization_embedding)."""
+
+    positive_vectors: int = Field(3, ge=1, le=75, description="extension: number of vectors per token (the seeds: "
+                                  "(3, 6) by default, up to (5, 8) or (10, 10) for complex characters)")
+    negative_vectors: int = Field(6, ge=1, le=75, description="extension: number of negative vectors per token")
+    negative_initialization_text: str = Field("*", description="extension: initialization text (negative)")
+    learning_rate: str = Field("0.003", description="the seeds: 0.003 (0.0025 if unstable), 0.005 for styles; "
+                               "a rate or a webui schedule")
+    max_steps: int | None = Field(None, ge=1, description="default: training.max_steps (the seeds: 3000-8000 "
+                                  "for characters, 1500-2000 for styles)")
+    cfg_scale: str = Field("3", description="extension: CFG scale, a number or 'low-high[:linear|cos|cos2]' "
+                           "following each sample's timestep (the seeds: 3 for characters, 5 for styles)")
+    negative_lr_scale: float = Field(1.0, gt=0, le=10, description="extension: negative lr weight")
+    ema: float = Field(0.97, ge=0, le=1, description="extension: EMA of both embeddings (the seeds: 0.95-0.97; "
+                       "1 turns it off); the averages are the saved result")
+    ema_replace_every: int = Field(25, ge=0, description="extension: EMA replace steps, the trained vectors are "
+                                   "set to their average every N steps; 0: never")
+    reconstruction_weight: float = Field(0.0, ge=0, description="extension: reconstruction loss weight (L1 of the "
+                                         "VAE-decoded prediction to the image); 0: off (less memory, faster)")
+    positive_only_filewords: bool = Field(False, description="extension: positive \"filewords\" only: the negative "
+                                          "prompt is the template line without the caption")
+
+    @field_validator("learning_rate", "cfg_scale", mode="before")
+    @classmethod
+    def _rate_as_text(cls, value: object) -> object:
+        return _number_as_text(value)
+
+    @field_validator("cfg_scale")
+    @classmethod
+    def _cfg_parses(cls, value: str) -> str:
+        from training.dreamartist import parse_cfg_schedule
+
+        parse_cfg_schedule(value)
+        return value
+
+
 class DatasetSettings(_Section):
     preprocess: PreprocessSettings = PreprocessSettings()
     tagging: TaggingSettings = TaggingSettings()
@@ -369,6 +408,7 @@ class DatasetSettings(_Section):
     hypernetwork: HypernetworkSettings = HypernetworkSettings()
     lora: LoraSettings = LoraSettings()
     dreambooth: DreamBoothSettings = DreamBoothSettings()
+    dreamartist: DreamArtistSettings = DreamArtistSettings()
 
 
 SECTIONS: tuple[str, ...] = tuple(DatasetSettings.model_fields)

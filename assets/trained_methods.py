@@ -10,6 +10,7 @@ from pathlib import Path
 from dagster import AssetsDefinition, Failure
 
 from assets.dataset_settings import DatasetSettings
+from assets.dreamartist import dreamartist
 from assets.dreambooth import dreambooth
 from assets.hypernetwork import hypernetwork
 from assets.lora import lora
@@ -32,6 +33,7 @@ TRAINED_METHODS: dict[str, TrainedMethod] = {
         TrainedMethod("hypernetwork", hypernetwork, "webui_pt"),
         TrainedMethod("lora", lora, "kohya"),
         TrainedMethod("dreambooth", dreambooth, "single_file"),
+        TrainedMethod("dreamartist", dreamartist, "diffusers"),
     )
 }
 METHOD_ASSETS = [method.asset for method in TRAINED_METHODS.values()]

@@ -31,6 +31,17 @@ OPTIONS = {
     "bf16": {"mixed_precision": "bf16"},
     "batch 1 x accumulation 2": {"batch_size": 1, "gradient_accumulation_steps": 2},
 }
+# Options only one method has.
+METHOD_OPTIONS = {
+    "dreamartist": {
+        "reconstruction_weight 1": {"reconstruction_weight": 1.0},
+        "reconstruction + gradient_checkpointing": {"reconstruction_weight": 1.0, "gradient_checkpointing": True},
+    },
+}
+
+
+def options_of(method: str) -> dict[str, dict]:
+    return {**OPTIONS, **METHOD_OPTIONS.get(method, {})}
 
 
 def _max_rss_mb() -> float:
@@ -39,6 +50,7 @@ def _max_rss_mb() -> float:
 
 def _trainers() -> dict[str, Callable]:
     """method -> train(base, examples, overrides, out_dir); each method's own entry point and defaults."""
+    from training.dreamartist import DreamArtistSettings, train_dreamartist
     from training.hypernetwork_training import HypernetworkOptions, train_hypernetwork
     from training.textual_inversion import TextualInversionSettings, train_textual_inversion
     from training.training_loop import LoopSettings
@@ -72,8 +84,11 @@ def _trainers() -> dict[str, Callable]:
         settings = LoopSettings(name="mylora", learning_rate="1e-4", **overrides)
         return train_lora(base, examples, settings, LoraTraining(), out)
 
+    def dreamartist(base, examples, overrides, out):
+        return train_dreamartist(base, examples, DreamArtistSettings(name="mycat", **overrides), out)
+
     return {"textual_inversion": textual_inversion, "hypernetwork": hypernetwork, "lora": lora,
-            "dreambooth": dreambooth}
+            "dreambooth": dreambooth, "dreamartist": dreamartist}
 
 
 def child(job: dict) -> None:
@@ -85,7 +100,7 @@ def child(job: dict) -> None:
     base = load_base_model(work / "model", device="cpu")
     examples = write_images(work / "images", job["images"], job["side"])
     loaded = _max_rss_mb()
-    overrides = {"max_steps": job["steps"], "batch_size": job["batch_size"], **OPTIONS[job["option"]]}
+    overrides = {"max_steps": job["steps"], "batch_size": job["batch_size"], **options_of(job["method"])[job["option"]]}
     _trainers()[job["method"]](base, examples, overrides, work / "out" / job["method"] / job["option"])
     print(json.dumps({"loaded_mb": loaded, "peak_mb": _max_rss_mb()}))
 
@@ -113,7 +128,7 @@ def main() -> None:
         print(f"{'method':20s} {'option':26s} {'training MB':>12s} {'vs baseline':>12s}")
         for method in methods:
             baseline = None
-            for option in OPTIONS:
+            for option in options_of(method):
                 job = {"work": str(work), "method": method, "option": option, "steps": args.steps,
                        "side": args.side, "batch_size": args.batch_size, "images": args.images}  # fmt: skip
                 done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True,

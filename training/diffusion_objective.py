@@ -37,3 +37,24 @@ def prediction_target(
 ) -> torch.Tensor:
     """The tensor the UNet's output is compared with: the noise (epsilon), the velocity or the clean latents."""
     return TARGETS[scheduler.config.prediction_type](scheduler, latents, noise, timesteps)
+
+
+def predicted_clean_latents(
+    scheduler: DDPMScheduler, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The clean latents x0 a UNet output implies at these timesteps (the inverse of TARGETS), differentiable.
+
+    epsilon: x0 = (x_t - sqrt(1 - a) * eps) / sqrt(a); v: x0 = sqrt(a) * x_t - sqrt(1 - a) * v; sample: itself,
+    with a the cumulative alpha of each sample's timestep.
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "sample":
+        return prediction
+    alphas = scheduler.alphas_cumprod.to(device=noisy.device, dtype=torch.float32)[timesteps.to(noisy.device)]
+    alphas = alphas.view(-1, *([1] * (noisy.ndim - 1)))
+    signal, noise = alphas.sqrt(), (1 - alphas).sqrt()
+    if kind == "epsilon":
+        return (noisy.float() - noise * prediction.float()) / signal
+    if kind == "v_prediction":
+        return signal * noisy.float() - noise * prediction.float()
+    raise ValueError(f"unsupported prediction_type {kind!r} (expected one of {', '.join(TARGETS)})")

@@ -32,6 +32,7 @@ from training.base_model import BaseModel
 from training.embedding_formats import read_embedding
 from training.hypernetwork import Hypernetwork
 from training.hypernetwork_attention import apply_hypernetwork
+from training.negative_embedding import negative_embedding_path, negative_name
 from training.prompt_encoding import check_clip_skip, encode_input_ids
 from training.templates import render_prompt
 from training.weight_swap import swapped_weights
@@ -151,6 +152,34 @@ def textual_inversion_applied(
         pipeline.text_encoder.requires_grad_(False)  # unloading installs a fresh, trainable token table
 
 
+@dataclass(frozen=True)
+class AppliedMethod:
+    """What an applier yields when the method also changes the negative conditioning (DreamArtist); an applier
+    that yields a bare Encoder leaves the negative prompt as the grid's settings give it."""
+
+    encode: Encoder
+    negative: Encoder  # the grid's negative prompt text -> the negative conditioning
+
+
+def with_negative_embedding(negative_prompt: str, name: str) -> str:
+    """The negative prompt with the negative embedding's name in front, as DreamArtist pairs are used in the webui."""
+    return f"{name}, {negative_prompt}" if negative_prompt.strip() else name
+
+
+@contextmanager
+def dreamartist_applied(
+    pipeline: StableDiffusionPipeline, checkpoint: Checkpoint, strength: float, clip_skip: int
+) -> Iterator[AppliedMethod]:
+    """The positive embedding for `<name>` in the prompt (at `strength`), the negative one, from the file beside it,
+    for `<name>-neg` put at the front of the negative prompt; both unloaded afterwards."""
+    negative = Checkpoint(
+        checkpoint.method, checkpoint.step, negative_embedding_path(checkpoint.path), negative_name(checkpoint.name)
+    )
+    with textual_inversion_applied(pipeline, checkpoint, strength, clip_skip) as encode:
+        with textual_inversion_applied(pipeline, negative, 1.0, clip_skip) as encode_negative:
+            yield AppliedMethod(encode, lambda text: encode_negative(with_negative_embedding(text, negative.name)))
+
+
 @contextmanager
 def hypernetwork_applied(
     pipeline: StableDiffusionPipeline, checkpoint: Checkpoint, strength: float, clip_skip: int
@@ -198,12 +227,21 @@ def dreambooth_applied(
         yield lambda prompt: prompt_embeddings(pipeline, prompt, clip_skip)
 
 
-METHOD_APPLIERS: dict[str, Callable[..., AbstractContextManager[Encoder]]] = {
+METHOD_APPLIERS: dict[str, Callable[..., AbstractContextManager[Encoder | AppliedMethod]]] = {
     "textual_inversion": textual_inversion_applied,
     "hypernetwork": hypernetwork_applied,
     "lora": lora_applied,
     "dreambooth": dreambooth_applied,
+    "dreamartist": dreamartist_applied,
 }
+# Files besides the checkpoint that a method's cells depend on: they must exist, and their hashes join the cell key.
+METHOD_COMPANION_FILES: dict[str, Callable[[Checkpoint], list[Path]]] = {
+    "dreamartist": lambda checkpoint: [negative_embedding_path(checkpoint.path)],
+}
+
+
+def companion_files(checkpoint: Checkpoint) -> list[Path]:
+    return METHOD_COMPANION_FILES.get(checkpoint.method, lambda _: [])(checkpoint)
 
 
 @dataclass(frozen=True)
@@ -222,13 +260,17 @@ class RenderSettings:
 
 def cell_key(cell: CellSpec, render: RenderSettings) -> str:
     """The cache key of one image: the checkpoint's content and every input of the sampling loop."""
-    return json_sha256({
+    key = {
         "version": CELL_FORMAT, "checkpoint": cached_file_sha256(cell.checkpoint.path), "method": cell.method,
         "name": cell.checkpoint.name, "prompt": render_prompt(cell.prompt, cell.checkpoint.name, ""),
         "negative_prompt": render.negative_prompt, "seed": cell.seed, "cfg_scale": cell.cfg_scale,
         "steps": cell.steps, "strength": cell.strength, "sampler": render.sampler, "clip_skip": render.clip_skip,
         "base_model": render.base_fingerprint, "aesthetic": render.aesthetic_key,
-    })  # fmt: skip
+    }  # fmt: skip
+    companions = [cached_file_sha256(path) for path in companion_files(cell.checkpoint)]
+    if companions:  # only then, so the keys of methods without companions stay what they were
+        key["companions"] = companions
+    return json_sha256(key)
 
 
 @dataclass(frozen=True)
@@ -243,11 +285,12 @@ def _check_checkpoints(cells: Sequence[CellSpec]) -> None:
     for cell in cells:
         if cell.method not in METHOD_APPLIERS:
             raise ValueError(f"no evaluation for method {cell.method!r}; known: {', '.join(METHOD_APPLIERS)}")
-        if not Path(cell.checkpoint.path).is_file():
-            raise ValueError(
-                f"{cell.checkpoint.path}: the {cell.method} checkpoint at step {cell.checkpoint.step} no longer "
-                "exists; re-run the training or remove that step from the evaluation checkpoints"
-            )
+        for path in [cell.checkpoint.path, *companion_files(cell.checkpoint)]:
+            if not Path(path).is_file():
+                raise ValueError(
+                    f"{path}: the {cell.method} checkpoint at step {cell.checkpoint.step} no longer "
+                    "exists; re-run the training or remove that step from the evaluation checkpoints"
+                )
 
 
 def render_cells(
@@ -265,8 +308,11 @@ def render_cells(
         else:
             missing.setdefault((cell.checkpoint, cell.strength), []).append((cell, key, path))
     for (checkpoint, strength), todo in missing.items():
-        with METHOD_APPLIERS[checkpoint.method](pipeline, checkpoint, strength, render.clip_skip) as encode:
-            negative = prompt_embeddings(pipeline, render.negative_prompt, render.clip_skip)
+        with METHOD_APPLIERS[checkpoint.method](pipeline, checkpoint, strength, render.clip_skip) as applied:
+            if isinstance(applied, AppliedMethod):
+                encode, negative = applied.encode, applied.negative(render.negative_prompt)
+            else:
+                encode, negative = applied, prompt_embeddings(pipeline, render.negative_prompt, render.clip_skip)
             for cell, key, path in todo:
                 prompt = render_prompt(cell.prompt, checkpoint.name, "")
                 if render.aesthetic is not None:
