@@ -8,34 +8,26 @@ the ones every method shares.
 from dataclasses import fields
 from pathlib import Path
 
-from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue
 
 from assets.dataset_settings import DatasetSettings
-from assets.metadata import settings_for
-from assets.method_selection import method_listed, not_trained
 from assets.method_training import (
-    check_names,
     loss_check_results,
-    loss_check_specs,
+    method_asset,
+    method_inputs,
     progress_logger,
     run_metadata,
     settings_or_failure,
     train_in_asset,
     write_run_file,
 )
-from assets.observations import settings_assets
-from assets.partitions import datasets_partitions
-from assets.placement import gpu_step
-from assets.prepared_images import prepared_images
-from assets.tag_table import tag_table
-from assets.textual_inversion import trainer_settings, training_inputs
+from assets.textual_inversion import trainer_settings
 from common.hashing import bytes_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
 from training.dreamartist import DreamArtistSettings, train_dreamartist
 from training.negative_embedding import negative_name
 
 STAGE = "dreamartist"
-CHECKS = loss_check_specs(STAGE, "embedding_is_finite")
 # The dreamartist section's keys that are the trainer's own settings under the same name.
 _SAME_NAMES = {"negative_vectors", "negative_initialization_text", "cfg_scale", "negative_lr_scale", "ema",
                "ema_replace_every", "reconstruction_weight", "positive_only_filewords"}  # fmt: skip
@@ -55,14 +47,8 @@ def dreamartist_settings(settings: DatasetSettings, dataset: str, dataset_dir: P
     }), dataset, STAGE)  # fmt: skip
 
 
-@asset(
-    partitions_def=datasets_partitions,
-    deps=[prepared_images, tag_table, settings_assets["training"], settings_assets["dreamartist"]],
-    group_name="training",
-    code_version="1",
-    **gpu_step(),
-    kinds={"pytorch"},
-    check_specs=CHECKS,
+@method_asset(
+    STAGE, "embedding_is_finite",
     description="A DreamArtist (APT) pair for datasets that list `dreamartist` in training.methods: <name> for the "
     "prompt and <name>-neg for the negative prompt, each as webui .pt (+ .optim), diffusers and kohya files, with "
     "checkpoints, loss curve and validation loss. Not eager: on demand or the nightly retrain.",
@@ -70,11 +56,11 @@ def dreamartist_settings(settings: DatasetSettings, dataset: str, dataset_dir: P
 def dreamartist(
     context: AssetExecutionContext, paths: ProjectPaths, base_model: BaseModelResource, device: TorchDevice
 ) -> MaterializeResult:
-    dataset = context.partition_key
-    dataset_settings = settings_for(paths, dataset)
-    if not method_listed(context, dataset_settings, dataset, STAGE):
-        return not_trained(dataset_settings, dataset, STAGE, check_names(CHECKS))
-    examples, held_out = training_inputs(paths, dataset)
+    inputs = method_inputs(context, paths, STAGE)
+    if isinstance(inputs, MaterializeResult):
+        return inputs
+    dataset, dataset_settings = inputs.dataset, inputs.settings
+    examples, held_out = inputs.examples, inputs.held_out
     settings = dreamartist_settings(dataset_settings, dataset, paths.dataset_dir(dataset))
     base = base_model.load(device)
     context.log.info(f"training the DreamArtist pair {settings.name!r} / {negative_name(settings.name)!r} on "

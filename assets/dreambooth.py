@@ -7,29 +7,21 @@ assets/method_selection.py), so the evaluation downstream still runs for the met
 
 
 import torch
-from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue
 
 from assets.class_images import class_images, class_images_dir
 from assets.dataset_settings import DatasetSettings
-from assets.metadata import settings_for
-from assets.method_selection import method_listed, not_trained
 from assets.method_training import (
-    check_names,
     loop_settings_values,
     loss_check_results,
-    loss_check_specs,
+    method_asset,
+    method_inputs,
     progress_logger,
     run_metadata,
     settings_or_failure,
     train_in_asset,
     write_run_file,
 )
-from assets.observations import settings_assets
-from assets.partitions import datasets_partitions
-from assets.placement import gpu_step
-from assets.prepared_images import prepared_images
-from assets.tag_table import tag_table
-from assets.textual_inversion import training_inputs
 from common.hashing import file_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
 from training.class_images import read_class_images
@@ -39,7 +31,6 @@ from training.optimizers import available_adamw
 from training.training_loop import LoopSettings
 
 STAGE = "dreambooth"
-CHECKS = loss_check_specs(STAGE, "weights_are_finite")
 EVALUATED_FILE = "single_file"  # the run file's key the evaluation loads (checkpoints: checkpoint_<step>_single_file)
 
 
@@ -74,27 +65,22 @@ def chosen_optimizer(context: AssetExecutionContext, settings: DatasetSettings, 
     return optimizer
 
 
-@asset(
-    partitions_def=datasets_partitions,
-    deps=[prepared_images, tag_table, class_images, settings_assets["training"], settings_assets["dreambooth"]],
-    group_name="training",
-    code_version="1",
-    **gpu_step(),
-    kinds={"pytorch"},
-    check_specs=CHECKS,
+@method_asset(
+    STAGE, "weights_are_finite",
     description="DreamBooth: the UNet (and optionally the text encoder) fine-tuned on the prepared images with "
     "prior preservation against class_images; <name>/ (diffusers folder), <name>.safetensors (webui single file), "
     "single-file checkpoints, loss curve, validation loss. For datasets that list `dreambooth` in "
     "training.methods. Not eager: on demand or the nightly retrain.",
+    extra_deps=[class_images],
 )
 def dreambooth(
     context: AssetExecutionContext, paths: ProjectPaths, base_model: BaseModelResource, device: TorchDevice
 ) -> MaterializeResult:
-    dataset = context.partition_key
-    settings = settings_for(paths, dataset)
-    if not method_listed(context, settings, dataset, STAGE):
-        return not_trained(settings, dataset, STAGE, check_names(CHECKS))
-    examples, held_out = training_inputs(paths, dataset)
+    inputs = method_inputs(context, paths, STAGE)
+    if isinstance(inputs, MaterializeResult):
+        return inputs
+    dataset, settings = inputs.dataset, inputs.settings
+    examples, held_out = inputs.examples, inputs.held_out
     base = base_model.load(device)
     loop, options = dreambooth_settings(settings, dataset, chosen_optimizer(context, settings, base.device))
     try:

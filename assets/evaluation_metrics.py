@@ -26,7 +26,7 @@ from assets.metadata import image_md, require_file, settings_for, table_md
 from assets.observations import settings_assets
 from assets.partitions import datasets_partitions
 from assets.placement import gpu_step
-from assets.textual_inversion import training_examples
+from assets.training_examples import training_examples
 from assets.trained_methods import METHOD_ASSETS, TRAINED_METHODS, trained_runs
 from common.atomic import atomic_path, write_parquet, write_text
 from common.hashing import file_sha256

@@ -1,27 +1,19 @@
 """`hypernetwork`: a webui hypernetwork trained on the prepared images and their captions."""
 
-from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue
 
 from assets.dataset_settings import DatasetSettings
-from assets.metadata import settings_for
-from assets.method_selection import method_listed, not_trained
 from assets.method_training import (
-    check_names,
     loop_settings_values,
     loss_check_results,
-    loss_check_specs,
+    method_asset,
+    method_inputs,
     progress_logger,
     run_metadata,
     settings_or_failure,
     train_in_asset,
     write_run_file,
 )
-from assets.observations import settings_assets
-from assets.partitions import datasets_partitions
-from assets.placement import gpu_step
-from assets.prepared_images import prepared_images
-from assets.tag_table import tag_table
-from assets.textual_inversion import training_inputs
 from common.hashing import bytes_sha256
 from resources import BaseModelResource, ProjectPaths, TorchDevice
 from training.hypernetwork_training import HypernetworkOptions, train_hypernetwork
@@ -29,7 +21,6 @@ from training.torch_files import torch_bytes
 from training.training_loop import LoopSettings
 
 STAGE = "hypernetwork"
-CHECKS = loss_check_specs(STAGE, "weights_are_finite")
 
 
 def hypernetwork_settings(settings: DatasetSettings, dataset: str) -> tuple[LoopSettings, HypernetworkOptions]:
@@ -44,25 +35,19 @@ def hypernetwork_settings(settings: DatasetSettings, dataset: str) -> tuple[Loop
     return loop, options
 
 
-@asset(
-    partitions_def=datasets_partitions,
-    deps=[prepared_images, tag_table, settings_assets["training"], settings_assets["hypernetwork"]],
-    group_name="training",
-    code_version="1",
-    **gpu_step(),
-    kinds={"pytorch"},
-    check_specs=CHECKS,
+@method_asset(
+    STAGE, "weights_are_finite",
     description="A webui hypernetwork (.pt with .optim, checkpoints, loss curve, validation loss) for datasets "
     "that list `hypernetwork` in training.methods. Not eager: on demand or the nightly retrain.",
 )
 def hypernetwork(
     context: AssetExecutionContext, paths: ProjectPaths, base_model: BaseModelResource, device: TorchDevice
 ) -> MaterializeResult:
-    dataset = context.partition_key
-    settings = settings_for(paths, dataset)
-    if not method_listed(context, settings, dataset, STAGE):
-        return not_trained(settings, dataset, STAGE, check_names(CHECKS))
-    examples, held_out = training_inputs(paths, dataset)
+    inputs = method_inputs(context, paths, STAGE)
+    if isinstance(inputs, MaterializeResult):
+        return inputs
+    dataset, settings = inputs.dataset, inputs.settings
+    examples, held_out = inputs.examples, inputs.held_out
     loop, options = hypernetwork_settings(settings, dataset)
     base = base_model.load(device)
     context.log.info(f"training hypernetwork {loop.name!r} ({options.layer_structure}, {options.activation_func}) "

@@ -4,35 +4,26 @@ written as the kohya file the webui, ComfyUI and kohya's scripts load and as dif
 Only for datasets that list `lora` in `training.methods`; for the others it records that nothing was trained.
 """
 
-from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue
 
 from assets.dataset_settings import LoraSettings, TrainingSettings
-from assets.metadata import settings_for
-from assets.method_selection import method_listed, not_trained
 from assets.method_training import (
-    check_names,
     loop_settings_values,
     loss_check_results,
-    loss_check_specs,
+    method_asset,
+    method_inputs,
     progress_logger,
     run_metadata,
     settings_or_failure,
     train_in_asset,
     write_run_file,
 )
-from assets.observations import settings_assets
-from assets.partitions import datasets_partitions
-from assets.placement import gpu_step
-from assets.prepared_images import prepared_images
-from assets.tag_table import tag_table
-from assets.textual_inversion import training_inputs
 from resources import BaseModelResource, ProjectPaths, TorchDevice
 from training.lora import LoraResult, LoraShape, LoraTraining, train_lora
 from training.training_loop import LoopSettings
 
 STAGE = "lora"
 FINITE_CHECK = "lora_is_finite"
-CHECKS = loss_check_specs(STAGE, FINITE_CHECK)
 
 
 def lora_loop_settings(training: TrainingSettings, lora: LoraSettings, dataset: str) -> LoopSettings:
@@ -52,14 +43,8 @@ def lora_training(lora: LoraSettings) -> LoraTraining:
     )
 
 
-@asset(
-    partitions_def=datasets_partitions,
-    deps=[prepared_images, tag_table, settings_assets["training"], settings_assets["lora"]],
-    group_name="training",
-    code_version="1",
-    **gpu_step(),
-    kinds={"pytorch"},
-    check_specs=CHECKS,
+@method_asset(
+    STAGE, FINITE_CHECK,
     description="LoRA adapters (lora: section; UNet attention, optionally the text encoder) trained with the "
     "training: settings: <name>.safetensors (kohya: webui, ComfyUI, sd-scripts), "
     "diffusers/pytorch_lora_weights.safetensors, checkpoints/<name>-<step>.safetensors, loss log and curve, "
@@ -68,11 +53,11 @@ def lora_training(lora: LoraSettings) -> LoraTraining:
 def lora(
     context: AssetExecutionContext, paths: ProjectPaths, base_model: BaseModelResource, device: TorchDevice
 ) -> MaterializeResult:
-    dataset = context.partition_key
-    settings = settings_for(paths, dataset)
-    if not method_listed(context, settings, dataset, STAGE):
-        return not_trained(settings, dataset, STAGE, check_names(CHECKS))
-    examples, held_out = training_inputs(paths, dataset)
+    inputs = method_inputs(context, paths, STAGE)
+    if isinstance(inputs, MaterializeResult):
+        return inputs
+    dataset, settings = inputs.dataset, inputs.settings
+    examples, held_out = inputs.examples, inputs.held_out
     loop = settings_or_failure(lambda: lora_loop_settings(settings.training, settings.lora, dataset), dataset,
                                "training/lora")
     method = settings_or_failure(lambda: lora_training(settings.lora), dataset, "lora")

@@ -19,17 +19,34 @@ from typing import Any, Protocol, TypeVar
 
 import pandas as pd
 import torch
-from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, Failure, MetadataValue
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetsDefinition,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
-from assets.dataset_settings import TrainingSettings
-from assets.metadata import image_md, require_file, table_md
+from assets.dataset_settings import DatasetSettings, TrainingSettings
+from assets.metadata import image_md, require_file, settings_for, table_md
+from assets.method_selection import method_listed, not_trained
+from assets.observations import settings_assets
 from assets.oom_retry import run_with_oom_retry
+from assets.partitions import datasets_partitions
+from assets.placement import gpu_step
+from assets.prepared_images import prepared_images
+from assets.tag_table import tag_table
+from assets.training_examples import training_inputs
 from common.atomic import write_text
 from resources import ProjectPaths
 from training.base_model import BaseModel
 from training.loss_checks import final_smoothed_loss, rounds_without_improvement
 from training.previews import PreviewSettings
-from training.training_loop import Evaluation, LoopSettings
+from training.training_loop import Evaluation, LoopSettings, TrainingExample
 
 RUN_FILE = "training_run.json"
 MAX_PREVIEWS = 20  # previews inlined in the metadata (each is a small PNG in the event log)
@@ -90,6 +107,41 @@ def settings_or_failure(make: Callable[[], S], dataset: str, section: str = "tra
         raise Failure(
             description=f"datasets/{dataset}/dataset.yaml, {section} section: {error}", allow_retries=False
         ) from error
+
+
+def method_asset(
+    stage: str, finite_check: str, description: str, extra_deps: Sequence[Any] = (), code_version: str = "1"
+) -> Callable[[Callable[..., MaterializeResult]], AssetsDefinition]:
+    """The decorator of every method asset: one partition per dataset, the prepared images, captions and the
+    `training:` section (plus the method's own section, when it has one) upstream, pool `gpu`, the loss checks."""
+    own = [settings_assets[stage]] if stage in settings_assets else []
+    return asset(
+        name=stage, partitions_def=datasets_partitions,
+        deps=[prepared_images, tag_table, *extra_deps, settings_assets["training"], *own], group_name="training",
+        code_version=code_version, **gpu_step(), kinds={"pytorch"},
+        check_specs=loss_check_specs(stage, finite_check), description=description,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MethodInputs:
+    """What a method asset trains from, once the dataset is known to list the method."""
+
+    dataset: str
+    settings: DatasetSettings
+    examples: list[TrainingExample]
+    held_out: list[TrainingExample]  # the validation split
+
+
+def method_inputs(context: AssetExecutionContext, paths: ProjectPaths, stage: str) -> MethodInputs | MaterializeResult:
+    """The dataset's settings and examples; for a dataset that does not list the method, the not-trained record
+    the asset returns as it is."""
+    dataset = context.partition_key
+    settings = settings_for(paths, dataset)
+    if not method_listed(context, settings, dataset, stage):
+        return not_trained(settings, dataset, stage, tuple(spec.name for spec in context.assets_def.check_specs))
+    examples, held_out = training_inputs(paths, dataset)
+    return MethodInputs(dataset, settings, examples, held_out)
 
 
 def loss_check_specs(asset_name: str, finite_check: str) -> list[AssetCheckSpec]:

@@ -213,7 +213,8 @@ def test_training_loss_falls_on_demo_because_it_learns(demo_run):
     """
     from dataclasses import replace
 
-    from assets.textual_inversion import trainer_settings, training_examples
+    from assets.textual_inversion import trainer_settings
+    from assets.training_examples import training_examples
     from training.textual_inversion import train_textual_inversion
 
     defs, paths, _ = demo_run

@@ -93,7 +93,7 @@ def test_a_bad_model_folder_fails_before_any_image(few, tmp_path) -> None:
 
 
 def test_blip_captions_reach_the_caption_table_and_filewords(few, embedded_root) -> None:
-    from assets.textual_inversion import training_examples, validation_examples
+    from assets.training_examples import training_examples, validation_examples
 
     defs, paths, _ = few
     folder = paths.dataset_dir(DATASET)

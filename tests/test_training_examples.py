@@ -6,7 +6,7 @@ import pandas as pd
 
 from assets.prepared_images import manifest_path
 from assets.tag_table import captions_path
-from assets.textual_inversion import training_examples, validation_examples
+from assets.training_examples import training_examples, validation_examples
 from resources import ProjectPaths
 
 
