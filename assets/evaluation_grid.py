@@ -198,7 +198,9 @@ def evaluation_grid(
     context.log.info(f"{rendered} cells rendered, {len(table) - rendered} reused from the cache: "
                      f"{', '.join(map(str, grids.values()))}")  # fmt: skip
     first = next(iter(plans.values()))
-    grid_images = {("grid" if index == 0 else f"grid_{method}"): image_md(path, max_side=768, caption=f"{method} grid")
+    captions = {method: "evaluation grid" if index == 0 else f"evaluation grid: {method}"
+                for index, method in enumerate(grids)}  # fmt: skip
+    grid_images = {("grid" if index == 0 else f"grid_{method}"): image_md(path, max_side=768, caption=captions[method])
                    for index, (method, path) in enumerate(grids.items())}  # fmt: skip
     return MaterializeResult(
         metadata={

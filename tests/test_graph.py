@@ -196,7 +196,7 @@ def test_settings_edits_request_only_the_stages_that_read_them(materialized):
     # The new captions made training unsynced; it waits for the night, then runs with its evaluation.
     night = _next_2am(next(clock))
     assert tick(night) == {
-        "class_images": {DATASET}, **{method: {DATASET} for method in TRAINED_METHODS}, "evaluation_grid": {DATASET},
+        **{method: {DATASET} for method in TRAINED_METHODS}, "evaluation_grid": {DATASET},
         "evaluation_metrics": {DATASET}, "evaluation_report": {DATASET},
     }
     run_job(defs, instance, "train")

@@ -15,7 +15,8 @@ from tests.integration.server import DagsterDev, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # What the nightly tick runs together: every method asset (unlisted ones record that they did not train).
-NIGHTLY = {"class_images", *TRAINED_METHODS, "evaluation_grid", "evaluation_metrics", "evaluation_report"}
+# class_images is nightly too, but the captions it does not read leave it synced.
+NIGHTLY = {*TRAINED_METHODS, "evaluation_grid", "evaluation_metrics", "evaluation_report"}
 
 
 def _just_after_a_nightly_tick(server: DagsterDev) -> None:
