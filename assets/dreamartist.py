@@ -71,7 +71,7 @@ def dreamartist(
         latent_cache=paths.data_root() / "cache" / "latents", log=context.log.info, validation_examples=held_out,
     ))  # fmt: skip
     result = run.result
-    files = write_run_file(out_dir, settings.name, result, settings.clip_skip, base,
+    files = write_run_file(out_dir, STAGE, settings.name, result, settings.clip_skip, base,
                            negative_name=negative_name(settings.name))
     vectors = result.vectors
     return MaterializeResult(

@@ -94,7 +94,7 @@ def dreambooth(
         log=context.log.info, validation_examples=held_out,
     ))  # fmt: skip
     result = run.result
-    files = write_run_file(out_dir, loop.name, result, loop.clip_skip, base)
+    files = write_run_file(out_dir, STAGE, loop.name, result, loop.clip_skip, base)
     return MaterializeResult(
         metadata={
             "instance_token": loop.name,

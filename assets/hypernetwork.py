@@ -58,7 +58,7 @@ def hypernetwork(
         latent_cache=paths.data_root() / "cache" / "latents", log=context.log.info, validation_examples=held_out,
     ))  # fmt: skip
     result = run.result
-    files = write_run_file(out_dir, loop.name, result, loop.clip_skip, base)
+    files = write_run_file(out_dir, STAGE, loop.name, result, loop.clip_skip, base)
     weights = torch_bytes(result.weights)
     return MaterializeResult(
         metadata={

@@ -77,7 +77,7 @@ def lora(
 
     run = train_in_asset(context, dataset, loop, base, train)
     result: LoraResult = run.result
-    files = write_run_file(out_dir, loop.name, result, loop.clip_skip, base)
+    files = write_run_file(out_dir, STAGE, loop.name, result, loop.clip_skip, base)
     tensors = result.weights.tensors()
     metadata = {
         "trained": True,

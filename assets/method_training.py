@@ -216,13 +216,13 @@ def progress_logger(context: AssetExecutionContext, max_steps: int) -> Callable[
 
 
 def write_run_file(
-    out_dir: Path, name: str, result: TrainingOutcome, clip_skip: int, base: BaseModel, **extra: Any
+    out_dir: Path, method: str, name: str, result: TrainingOutcome, clip_skip: int, base: BaseModel, **extra: Any
 ) -> dict[str, str]:
     """What the evaluation reads: the name, the files (checkpoints and final), the clip skip, the base model,
     and what a method adds (`extra`). Returns the files as text, for the metadata."""
     files = {key: str(path) for key, path in result.files.items()}
     write_text(out_dir / RUN_FILE, json.dumps({
-        "name": name, "steps": result.steps, "clip_skip": clip_skip, "files": files, "base_model": str(base.source),
+        "method": method, "name": name, "steps": result.steps, "clip_skip": clip_skip, "files": files, "base_model": str(base.source),
         "sd_checkpoint": base.short_hash, "stopped_early_at": result.stopped_early_at, **extra,
     }, indent=2))  # fmt: skip
     return files

@@ -76,7 +76,7 @@ def textual_inversion(
         latent_cache=paths.data_root() / "cache" / "latents", log=context.log.info, validation_examples=held_out,
     ))  # fmt: skip
     result = run.result
-    files = write_run_file(out_dir, name, result, settings.clip_skip, base)
+    files = write_run_file(out_dir, STAGE, name, result, settings.clip_skip, base)
     vectors = result.vectors.detach().float().cpu().contiguous()
     metadata = {
         "embedding_name": name,

@@ -6,6 +6,7 @@ import shutil
 
 from dagster import build_sensor_context, instance_for_test
 
+from assets.dataset_settings import SECTIONS
 from assets.partitions import datasets_partitions
 from pipelines.sensors import dataset_sensor
 from tests.helpers import copy_with_settings, edit_settings
@@ -26,8 +27,8 @@ def test_new_folder_then_edits(project):
 
         second = _tick(instance, paths, first.cursor)
         observed = {event.asset_key.to_user_string() for event in second.asset_events}
-        assert observed == {"raw_images", "preprocess_settings", "tagging_settings", "captions_settings",
-                            "training_settings", "evaluation_settings", "aesthetic_settings"}
+        assert observed == {"raw_images", *(f"{section}_settings" for section in SECTIONS)}
+        assert {"training_settings", "lora_settings", "dreambooth_settings"} <= observed  # every section, methods too
         assert all(event.partition == "demo" and event.tags["dagster/data_version"] for event in second.asset_events)
 
         quiet = _tick(instance, paths, second.cursor)

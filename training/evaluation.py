@@ -150,6 +150,9 @@ def textual_inversion_applied(
     finally:
         pipeline.unload_textual_inversion(tokens)
         pipeline.text_encoder.requires_grad_(False)  # unloading installs a fresh, trainable token table
+        # ...and leaves the config's vocab_size at the loaded size: a save_pretrained of the shared text encoder
+        # (DreamBooth's folder) would then not load back.
+        pipeline.text_encoder.config.vocab_size = pipeline.text_encoder.get_input_embeddings().num_embeddings
 
 
 @dataclass(frozen=True)

@@ -334,8 +334,12 @@ def freeze(base: BaseModel) -> None:
     """Restate load_base_model's contract on the shared model: eval mode, no parameter collects gradients.
 
     Needed because other users of the same BaseModel may have swapped modules (diffusers'
-    load/unload_textual_inversion replaces the token table with a fresh trainable one).
+    load/unload_textual_inversion replaces the token table with a fresh trainable one, and leaves the config's
+    vocab_size at the loaded size).
     """
+    # diffusers' unload_textual_inversion shrinks the token table but not the config's vocab_size, and a saved
+    # text encoder (DreamBooth's folder) must load back.
+    base.text_encoder.config.vocab_size = base.text_encoder.get_input_embeddings().num_embeddings
     for module in (base.text_encoder, base.vae, base.unet):
         module.requires_grad_(False)
         module.eval()
