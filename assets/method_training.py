@@ -312,7 +312,3 @@ def loss_check_results(
             metadata={"rounds_without_improvement": stalled, "round_steps": round_steps},
         ),
     ]
-
-
-def check_names(specs: Sequence[AssetCheckSpec]) -> tuple[str, ...]:
-    return tuple(spec.name for spec in specs)

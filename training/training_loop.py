@@ -199,7 +199,7 @@ class TrainingMethod:
         yield
 
     def train_modules(self) -> list[torch.nn.Module]:
-        """Modules in train() mode while training (dropout) and eval() mode for validation and previews."""
+        """Modules in training mode while training (dropout active) and inference mode for validation and previews."""
         return []
 
     def after_step(self, step: int) -> None:
