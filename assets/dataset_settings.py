@@ -235,6 +235,11 @@ class EvaluationSettings(_Section):
                             "to every cell, with the aesthetic section's options")
     clip_model: str = Field("", description="a local CLIP folder (openai/clip-vit-large-patch14 layout) for the "
                             "image-image and prompt-image CLIP scores; relative to the project root; empty: no scores")
+    tagger_scores: bool = Field(False, description="score each checkpoint's [name] cells with the dataset's tagger "
+                                "(tagging section): concept_tag_score = mean probability of the concept tags")
+    concept_tag_fraction: float = Field(0.5, gt=0, le=1, description="concept tags: at or above the caption "
+                                        "thresholds in at least this fraction of the training images (ratings "
+                                        "never; captions.exclude_tags still count, the concept is often one)")
     patience_evaluations: int = Field(3, ge=1, description="seeds' rule: warn after this many checkpoints without improvement")
     overfitting_evaluations: int = Field(
         2, ge=1, description="warn when validation loss rose while training loss fell for this many checkpoints"

@@ -1,5 +1,6 @@
 """`evaluation_metrics`: one row per saved checkpoint (training and validation loss, CLIP similarities of its
-grid cells), the checkpoint to keep copied to `best/`, and the seeds' rules as asset checks."""
+grid cells, the tagger's concept tag score), the checkpoint to keep copied to `best/`, and the seeds' rules as
+asset checks."""
 
 import json
 import re
@@ -20,7 +21,8 @@ from dagster import (
     asset,
 )
 
-from assets.dataset_settings import EvaluationSettings
+from assets.concept_scores import ConceptScores, checkpoint_concept_scores, concept_metadata
+from assets.dataset_settings import DatasetSettings, EvaluationSettings
 from assets.evaluation_grid import CELLS_TABLE, STAGE as GRID_STAGE, evaluation_grid, saved_checkpoints
 from assets.metadata import image_md, require_file, settings_for, table_md
 from assets.observations import settings_assets
@@ -30,7 +32,7 @@ from assets.training_examples import training_examples
 from assets.trained_methods import METHOD_ASSETS, TRAINED_METHODS, trained_runs
 from common.atomic import atomic_path, write_parquet, write_text
 from common.hashing import file_sha256
-from resources import ProjectPaths, TorchDevice
+from resources import ProjectPaths, TaggerResource, TorchDevice
 from resources.paths import resolve
 from training.checkpoint_selection import best_row, interval_means, overfitting_run
 from training.loss_checks import rounds_without_improvement
@@ -76,8 +78,9 @@ def clip_scores(
     return pd.DataFrame({"clip_image_similarity": image, "clip_text_similarity": text}).reset_index()
 
 
-def metrics_table(run: dict, clip: pd.DataFrame, method: str) -> pd.DataFrame:
-    """One method's checkpoints with their losses and CLIP scores; the best one flagged."""
+def metrics_table(run: dict, clip: pd.DataFrame, method: str, concept: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One method's checkpoints with their losses, CLIP scores and (when measured) concept tag score; the best
+    one flagged."""
     checkpoints = saved_checkpoints(run, method)
     steps = [step for _, step in checkpoints]
     frame = pd.DataFrame({
@@ -89,6 +92,8 @@ def metrics_table(run: dict, clip: pd.DataFrame, method: str) -> pd.DataFrame:
     frame = frame.merge(clip, on=["method", "step"], how="left") if not clip.empty else frame.assign(
         clip_image_similarity=np.nan, clip_text_similarity=np.nan
     )
+    if concept is not None:
+        frame = frame.merge(concept, on=["method", "step"], how="left")
     best = best_row(frame)
     frame["best"] = [index == best for index in range(len(frame))]
     return frame
@@ -155,6 +160,23 @@ def metric_checks(frame: pd.DataFrame, settings: EvaluationSettings) -> list[Ass
     ]
 
 
+def _concept_scores(context: AssetExecutionContext, paths: ProjectPaths, dataset: str, settings: DatasetSettings,
+                    cells: pd.DataFrame, references: list[Path], tagger: TaggerResource) -> ConceptScores | None:
+    """The concept tag scores when evaluation.tagger_scores is on (None otherwise), with what a user should hear."""
+    if not settings.evaluation.tagger_scores:
+        return None
+    concept = checkpoint_concept_scores(paths, dataset, settings, cells, references, tagger)
+    context.log.info(f"concept tags of {dataset!r}: {', '.join(concept.tags) or '(none)'}; "
+                     f"scored by {concept.tagger_dir}")
+    if not concept.tags:
+        context.log.warning(f"no tag reaches the caption thresholds in {settings.evaluation.concept_tag_fraction:.0%} "
+                            f"of {dataset!r}'s training images: concept_tag_score is empty")  # fmt: skip
+    if concept.mismatched_model:
+        context.log.warning(f"{dataset!r}'s tag scores come from another tagger model than {concept.tagger_dir}: "
+                            "materialize tag_scores again for concept tags of this model")  # fmt: skip
+    return concept
+
+
 @asset(
     partitions_def=datasets_partitions,
     deps=[evaluation_grid, *METHOD_ASSETS, settings_assets["evaluation"]],
@@ -170,9 +192,11 @@ def metric_checks(frame: pd.DataFrame, settings: EvaluationSettings) -> list[Ass
                        "falls for overfitting_evaluations checkpoints: go back to the best one"),
     ],  # fmt: skip
     description="Per checkpoint: training and validation loss, CLIP similarities (when evaluation.clip_model is "
-    "set); the best checkpoint copied to best/ beside the final files; metrics.parquet and metrics.png.",
+    "set), the tagger's concept tag score (when evaluation.tagger_scores is on); the best checkpoint copied to "
+    "best/ beside the final files; metrics.parquet and metrics.png.",
 )
-def evaluation_metrics(context: AssetExecutionContext, paths: ProjectPaths, device: TorchDevice) -> MaterializeResult:
+def evaluation_metrics(context: AssetExecutionContext, paths: ProjectPaths, device: TorchDevice,
+                       tagger: TaggerResource) -> MaterializeResult:
     dataset = context.partition_key
     all_settings = settings_for(paths, dataset)
     settings = all_settings.evaluation
@@ -183,7 +207,10 @@ def evaluation_metrics(context: AssetExecutionContext, paths: ProjectPaths, devi
         clip = clip_scores(settings, cells, references, device)
     except (OSError, ValueError) as error:
         raise Failure(description=f"evaluation.clip_model for {dataset!r}: {error}", allow_retries=False) from error
-    frame = pd.concat([metrics_table(run, clip, method) for method, run in runs.items()], ignore_index=True)
+    concept = _concept_scores(context, paths, dataset, all_settings, cells, references, tagger)
+    per_checkpoint = concept.per_checkpoint if concept else None
+    frame = pd.concat([metrics_table(run, clip, method, per_checkpoint) for method, run in runs.items()],
+                      ignore_index=True)
     out_dir = paths.output_dir(dataset, STAGE)
     table_path = write_parquet(out_dir / METRICS_TABLE, frame)
     first_method, first_run = next(iter(runs.items()))
@@ -206,8 +233,9 @@ def evaluation_metrics(context: AssetExecutionContext, paths: ProjectPaths, devi
             "best_validation_loss": float(best["validation_loss"]),
             "best_steps": ", ".join(f"{method}: {int(row['step'])}" for method, row in bests.items()),
             "clip_model": settings.clip_model or "(none)",
+            **(concept_metadata(frame, concept, list(runs)) if concept else {}),
             "metrics": table_md(frame.drop(columns=["checkpoint"]).round(5), rows=50),
-            "metrics_chart": image_md(chart, caption="loss and CLIP similarity per checkpoint"),
+            "metrics_chart": image_md(chart, caption="loss, CLIP similarity and concept tag score per checkpoint"),
             "metrics_table": MetadataValue.path(str(table_path)),
             "dagster/row_count": len(frame),
         },
