@@ -11,12 +11,14 @@ import sys
 import pandas as pd
 from dagster import DagsterInstance
 
+from assets.concept_scores import COLUMN as CONCEPT_COLUMN, first_and_best
 from assets.evaluation_grid import STAGE as GRID_STAGE
 from assets.evaluation_metrics import METRICS_TABLE
 from assets.evaluation_report import report_path
+from assets.metadata import settings_for
 from assets.partitions import datasets_partitions
 from assets.trained_methods import grid_file
-from embedded import build_missing
+from embedded import DEMO_TAGGER, build_missing
 from pipelines.definitions import defs
 from resources import PROJECT_ROOT
 
@@ -48,15 +50,40 @@ def main() -> int:
     print(f"evaluation grid:\n  {grid if grid.is_file() else '(missing)'}")
     metrics_file = paths.output_dir(DATASET, "evaluation_metrics") / METRICS_TABLE
     if metrics_file.is_file():
-        metrics = pd.read_parquet(metrics_file)
-        print("checkpoints (training loss, validation loss, CLIP image similarity):")
-        for row in metrics.itertuples():
-            mark = f"  <- best, copied to {row.method}/best/" if row.best else ""
-            print(f"  {row.method} step {row.step:5d}  {row.training_loss:.4f}  {row.validation_loss:.4f}  {row.clip_image_similarity:.4f}{mark}")
+        print_metrics(pd.read_parquet(metrics_file), _tagger_label(paths))
     report = report_path(paths, DATASET)
     print(f"evaluation report (open in a browser):\n  {report.as_uri() if report.is_file() else '(missing)'}")
     print("\nsee them in the UI: make ui, then open http://127.0.0.1:3000")
     return 0
+
+
+def print_metrics(metrics: pd.DataFrame, tagger: str) -> None:
+    """One line per checkpoint, the concept tag score as a last column when the dataset measured it, then the
+    figure issue 9 asks for: how far the tagger's concept tags rose from the first checkpoint to the best."""
+    concept = CONCEPT_COLUMN in metrics.columns
+    print("checkpoints (training loss, validation loss, CLIP image similarity"
+          + (", concept tag score):" if concept else "):"))
+    for row in metrics.itertuples():
+        mark = f"  <- best, copied to {row.method}/best/" if row.best else ""
+        score = f"  {getattr(row, CONCEPT_COLUMN):.4f}" if concept else ""
+        print(f"  {row.method} step {row.step:5d}  {row.training_loss:.4f}  {row.validation_loss:.4f}  "
+              f"{row.clip_image_similarity:.4f}{score}{mark}")
+    if concept:
+        method = str(metrics["method"].iloc[0])
+        first, best = first_and_best(metrics, method)
+        label = f"{method}, " if metrics["method"].nunique() > 1 else ""
+        print(f"concept tag score ({label}{tagger}): first checkpoint {first:.4f} -> best checkpoint {best:.4f} "
+              f"({best - first:+.4f})")
+
+
+def _tagger_label(paths) -> str:
+    """'demo tagger' when the demo dataset is tagged by models/demo-tagger, else the tagger folder's name."""
+    try:
+        tagging = settings_for(paths, DATASET).tagging
+        folder = defs.resources["tagger"].model_dir(tagging.tagger, tagging.model)
+    except Exception:  # noqa: BLE001 - only a label; the run itself reported any settings error
+        return "tagger"
+    return "demo tagger" if folder.resolve() == (PROJECT_ROOT / DEMO_TAGGER).resolve() else folder.name
 
 
 if __name__ == "__main__":

@@ -91,8 +91,8 @@ def plot_loss(
 
 
 def plot_metrics(metrics: pd.DataFrame, out_path: str | os.PathLike[str], title: str, best_step: int | None = None) -> Path:
-    """Per-checkpoint training and validation loss (left axis), CLIP similarities when measured (right axis),
-    the checkpoint to keep marked: the one chart that answers "which checkpoint"."""
+    """Per-checkpoint training and validation loss (left axis), CLIP similarities and the concept tag score when
+    measured (right axis), the checkpoint to keep marked: the one chart that answers "which checkpoint"."""
     if metrics.empty:
         raise ValueError(f"{title}: no checkpoints to plot")
     figure = Figure(figsize=(8, 4.5), dpi=100)
@@ -109,12 +109,16 @@ def plot_metrics(metrics: pd.DataFrame, out_path: str | os.PathLike[str], title:
     if best_step is not None:
         axes.axvline(best_step, color="tab:red", linestyle="--", linewidth=1, label=f"best: step {best_step}")
     axes.legend(loc="upper left")
-    clip_columns = [c for c in ("clip_image_similarity", "clip_text_similarity") if c in metrics and metrics[c].notna().any()]
-    if clip_columns:
-        clip_axes = axes.twinx()
-        for column, colour in zip(clip_columns, ("tab:green", "tab:purple")):
-            clip_axes.plot(steps, metrics[column].to_numpy(dtype=float), marker="s", linestyle=":", color=colour,
-                           label=column.replace("_", " "))  # fmt: skip
-        clip_axes.set_ylabel("CLIP cosine similarity")
-        clip_axes.legend(loc="upper right")
+    scores = ("clip_image_similarity", "clip_text_similarity", "concept_tag_score")
+    score_columns = [c for c in scores if c in metrics and metrics[c].notna().any()]
+    if score_columns:
+        score_axes = axes.twinx()
+        colours = dict(zip(scores, ("tab:green", "tab:purple", "tab:brown")))
+        for column in score_columns:
+            score_axes.plot(steps, metrics[column].to_numpy(dtype=float), marker="s", linestyle=":",
+                            color=colours[column], label=column.replace("_", " "))  # fmt: skip
+        names = (["CLIP cosine similarity"] if any(c.startswith("clip") for c in score_columns) else []) + (
+            ["concept tag probability"] if "concept_tag_score" in score_columns else [])
+        score_axes.set_ylabel(" / ".join(names))
+        score_axes.legend(loc="upper right")
     return _save(figure, out_path)

@@ -39,7 +39,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("skipped", "Skipped images"),
 )
 METRIC_COLUMNS = ("method", "step", "checkpoint", "training_loss", "validation_loss",
-                  "clip_image_similarity", "clip_text_similarity", "best")
+                  "clip_image_similarity", "clip_text_similarity", "concept_tag_score", "best")
 VALIDATION_COLUMNS = ("step", "validation_loss", "training_loss")
 GRID_MAX_SIDE = 1600
 LOSS_MAX_SIDE = 900

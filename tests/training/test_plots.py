@@ -3,10 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
-from training.plots import moving_average, plot_loss
+from training.plots import moving_average, plot_loss, plot_metrics
 
 
 def test_moving_average_is_a_trailing_mean_over_what_exists() -> None:
@@ -46,3 +47,11 @@ def test_bad_loss_input_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no loss values"):
         plot_loss([], tmp_path / "out.png", "x")
     assert not (tmp_path / "out.png").exists()
+
+
+def test_the_metrics_chart_draws_the_concept_tag_score_on_the_score_axis(tmp_path: Path) -> None:
+    metrics = pd.DataFrame({"step": [2, 4, 6], "training_loss": [0.5, 0.4, 0.3], "validation_loss": [0.5, 0.3, 0.4],
+                            "concept_tag_score": [0.1, 0.8, 0.7]})  # fmt: skip
+    with_score = plot_metrics(metrics, tmp_path / "with.png", "pip", best_step=4)
+    without = plot_metrics(metrics.drop(columns=["concept_tag_score"]), tmp_path / "without.png", "pip", best_step=4)
+    assert with_score.is_file() and with_score.read_bytes() != without.read_bytes()

@@ -66,6 +66,18 @@ def test_the_best_checkpoint_row_is_marked(tmp_path: Path) -> None:
     assert "Best checkpoint" in table
 
 
+def test_the_concept_tag_score_is_a_column_of_the_metrics_table(tmp_path: Path) -> None:
+    """evaluation.tagger_scores adds concept_tag_score; the table shows it after the CLIP scores, before best."""
+    inputs = report_inputs(tmp_path)
+    metrics = pd.read_parquet(inputs.metrics)
+    metrics.insert(2, "concept_tag_score", [0.125, 0.75, 0.5])  # written anywhere, shown in its place
+    metrics.to_parquet(inputs.metrics, index=False)
+    table = render_report(inputs, tmp_path).html.split('<section id="metrics"')[1].split("</section>")[0]
+    headings = re.findall(r"<th>(\w+)</th>", table)
+    assert headings.index("clip_image_similarity") < headings.index("concept_tag_score") < headings.index("best")
+    assert "<td>0.125</td>" in table and "<td>0.75</td>" in table
+
+
 def test_user_text_is_escaped(tmp_path: Path) -> None:
     inputs = replace(report_inputs(tmp_path), dataset="<img src=x onerror=alert(1)>")
     page = render_report(inputs, tmp_path).html
