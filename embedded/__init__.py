@@ -14,11 +14,15 @@ TINY_BLIP = "models/tiny-blip"
 TINY_CLIP = "models/tiny-clip"
 DEMO_DATASET = "datasets/demo"
 DEMO_TAGGER = "models/demo-tagger"  # trained on the demo world (embedded/demo_tagger.py), not random
+# Trained on the demo world (embedded/demo_base.py) for longer than a setup step should take, so it is shipped;
+# `python -m embedded.demo_base --verify` rebuilds it and compares the weights bit for bit.
+DEMO_BASE = "embedded/weights/demo-base"
+WORLD_DATASET = "datasets/zuzu"  # the demo world's new concept, what `make demo` trains
 
 
 def build_missing(root: Path, *, trained: bool = False) -> dict[str, Path]:
-    """Build whichever of the tiny SD model, the tiny tagger, the tiny BLIP captioner, the tiny CLIP and the demo
-    dataset is not there yet; with `trained`, also the models trained on the demo world (minutes, not seconds,
+    """Build whichever of the tiny SD model, the tiny tagger, the tiny BLIP captioner, the tiny CLIP, the demo
+    dataset and the demo world's dataset is not there yet; with `trained`, also the models trained on the demo world (minutes, not seconds,
     so test sessions leave them out), rebuilt when their build record no longer matches the code."""
     # Imported here so that importing one builder does not pull in torch, diffusers and onnx for all.
     from embedded.demo_dataset import build_demo_dataset
@@ -26,9 +30,10 @@ def build_missing(root: Path, *, trained: bool = False) -> dict[str, Path]:
     from embedded.tiny_clip import build_tiny_clip
     from embedded.tiny_sd import build_tiny_sd
     from embedded.tiny_wd14 import build_tiny_wd14
+    from embedded.world_dataset import build_world_dataset
 
     builders = {TINY_SD: build_tiny_sd, TINY_WD14: build_tiny_wd14, TINY_BLIP: build_tiny_blip,
-                TINY_CLIP: build_tiny_clip, DEMO_DATASET: build_demo_dataset}
+                TINY_CLIP: build_tiny_clip, DEMO_DATASET: build_demo_dataset, WORLD_DATASET: build_world_dataset}
     built = {}
     for relative, build in builders.items():
         target = root / relative

@@ -18,6 +18,7 @@ and torch build -> the same bytes. `python -m embedded.demo_tagger [OUT_DIR]` re
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -57,6 +58,10 @@ class TaggerSettings:
     weight_decay: float = 1e-4
     threads: int = 1  # fixed: one order of sums on any machine; 2 threads ran 7x slower on shared cores
     widths: tuple[int, int, int, int] = (16, 32, 64, 128)
+    # Half the batches are blurred by a Gaussian of sigma up to this many pixels (at 64 px): generated images
+    # are softer than drawn ones (the demo base model's VAE blurs edges), and the tagger judges those too.
+    blur_probability: float = 0.5
+    max_blur_sigma: float = 1.5
 
 
 class DemoTaggerNet(nn.Module):
@@ -89,6 +94,17 @@ class DemoTaggerNet(nn.Module):
 def to_network_input(pixels: torch.Tensor) -> torch.Tensor:
     """(N, H, W, 3) BGR 0-255 -> (N, 3, H, W) RGB -1..1."""
     return torch.flip(pixels, dims=[3]).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def gaussian_blur(batch: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur (N, 3, H, W) with a separable Gaussian of `sigma` pixels, edges replicated."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    offsets = torch.arange(-radius, radius + 1, dtype=batch.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).repeat(batch.shape[1], 1, 1, 1)
+    padded = nn.functional.pad(batch, (radius, radius, radius, radius), mode="replicate")
+    rows = nn.functional.conv2d(padded, kernel.view(batch.shape[1], 1, 1, -1), groups=batch.shape[1])
+    return nn.functional.conv2d(rows, kernel.view(batch.shape[1], 1, -1, 1), groups=batch.shape[1])
 
 
 def tagger_pixels(images: Sequence[WorldImage], side: int = TAGGER_SIDE) -> np.ndarray:
@@ -155,7 +171,10 @@ def train_tagger(
             running = 0.0
             for batch in range(steps_per_epoch):
                 chosen = permutation[batch * settings.batch_size : (batch + 1) * settings.batch_size]
-                logits = model.logits(to_network_input(inputs[chosen].float()))
+                network_input = to_network_input(inputs[chosen].float())
+                if order.random() < settings.blur_probability:
+                    network_input = gaussian_blur(network_input, float(order.uniform(0.3, settings.max_blur_sigma)))
+                logits = model.logits(network_input)
                 loss = nn.functional.binary_cross_entropy_with_logits(logits, truth[chosen])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -266,3 +266,17 @@ def test_make_models_refuses_to_replace_a_stale_folder_holding_foreign_files(tmp
     with pytest.raises(FileExistsError, match="notes.txt"):
         build_missing(tmp_path, trained=True)
     assert (folder / "notes.txt").read_text() == "mine" and (folder / "model.onnx").read_bytes() == b"old"
+
+
+def test_world_dataset_holds_only_the_new_concept_and_valid_settings(tmp_path: Path) -> None:
+    from assets.dataset_settings import load_dataset_settings
+    from embedded.world_dataset import build_world_dataset
+
+    folder = build_world_dataset(tmp_path / "zuzu", count=6)
+    images = sorted(folder.glob("*.png"))
+    assert len(images) == 6 and not list(folder.glob("*.txt"))  # the pipeline tags them, as a user's folder
+    assert all(DEMO_CONCEPT in item.tags for item in concept_images(4000, 6))
+    settings = load_dataset_settings(folder)
+    assert settings.evaluation.tagger_scores and DEMO_CONCEPT in settings.captions.exclude_tags
+    with pytest.raises(FileExistsError):
+        build_world_dataset(folder, count=1)

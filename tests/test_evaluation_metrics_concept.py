@@ -126,7 +126,8 @@ def test_the_demo_prints_the_column_and_the_first_to_best_figure(capsys) -> None
                             "concept_tag_score": [0.125, 0.75, 0.5], "best": [False, True, False]})  # fmt: skip
     print_metrics(metrics, "demo tagger")
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].endswith("concept tag score):") and "  0.3000  nan  0.7500  <- best" in lines[2]
+    assert lines[0] == "checkpoints (training loss, validation loss, concept tag score):"  # no CLIP: not measured
+    assert "  0.4000  0.3000  0.7500  <- best" in lines[2]
     assert lines[-1] == "concept tag score (demo tagger): first checkpoint 0.1250 -> best checkpoint 0.7500 (+0.6250)"
     print_metrics(metrics.drop(columns=["concept_tag_score"]), "demo tagger")
     plain = capsys.readouterr().out

@@ -6,10 +6,10 @@ import pytest
 
 from training.templates import available_templates, load_template, render_prompt
 
-SHIPPED = ["hypernetwork", "none", "style", "style_filewords", "subject", "subject_filewords"]
+SHIPPED = ["hypernetwork", "none", "style", "style_filewords", "subject", "subject_filewords", "tags"]
 
 
-def test_the_webui_template_set_is_shipped() -> None:
+def test_the_webui_template_set_and_the_tag_caption_template_are_shipped() -> None:
     assert available_templates() == SHIPPED
 
 
@@ -28,6 +28,7 @@ def test_template_keywords_match_their_purpose() -> None:
     for name in ("subject_filewords", "style_filewords"):
         assert all("[name]" in line and "[filewords]" in line for line in load_template(name))
     assert all("[filewords]" in line and "[name]" not in line for line in load_template("hypernetwork"))
+    assert load_template("tags") == ["[name], [filewords]"]  # kohya-style: trigger word, then the tag caption
 
 
 def test_a_user_file_is_a_template(tmp_path: Path) -> None:
