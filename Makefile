@@ -21,7 +21,7 @@ SYSTEM_STAMP := $(VENV)/.system-$(shell cat .ci/install-system-packages | sha256
 # Steps in pool "gpu" (tagger, training, evaluation) that may run at once on this instance.
 SDP_GPU_POOL_LIMIT ?= 1
 
-.PHONY: setup models gpu-pool demo ui test clean-data servers
+.PHONY: setup models gpu-pool demo demo-world ui test clean-data servers
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ gpu-pool: setup
 
 demo: models gpu-pool
 	$(PY) -m pipelines.demo
+
+# The demo world's character on the demo world's base model (models/demo-base: `python -m embedded.demo_base`).
+demo-world: models gpu-pool
+	$(PY) -m pipelines.demo zuzu
 
 ui: models gpu-pool
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

@@ -14,10 +14,9 @@ TINY_BLIP = "models/tiny-blip"
 TINY_CLIP = "models/tiny-clip"
 DEMO_DATASET = "datasets/demo"
 DEMO_TAGGER = "models/demo-tagger"  # trained on the demo world (embedded/demo_tagger.py), not random
-# Trained on the demo world (embedded/demo_base.py) for longer than a setup step should take, so it is shipped;
-# `python -m embedded.demo_base --verify` rebuilds it and compares the weights bit for bit.
-DEMO_BASE = "embedded/weights/demo-base"
-WORLD_DATASET = "datasets/zuzu"  # the demo world's new concept, what `make demo` trains
+# Trained on the demo world by `python -m embedded.demo_base` (about 45 minutes on one core: not a setup step).
+DEMO_BASE = "models/demo-base"
+WORLD_DATASET = "datasets/zuzu"  # the demo world's new concept, what `make demo-world` trains
 
 
 def build_missing(root: Path, *, trained: bool = False) -> dict[str, Path]:
