@@ -267,7 +267,7 @@ def build_demo_base(out_dir: Path, settings: BaseSettings = BaseSettings(), *,
     captions = [caption_of(item.tags) for item in world]
     say(f"rendered {len(world)} world images in {time.perf_counter() - started:.1f}s")
     with staged_folder(Path(out_dir), "demo base model") as staging:
-        write_tokenizer(staging / "tokenizer", world_words())
+        write_tokenizer(staging / "tokenizer", world_words(), whole_words=True)
         tokenizer = CLIPTokenizer.from_pretrained(staging / "tokenizer", local_files_only=True)
         with deterministic_torch(settings.seed, settings.threads):
             vae = _cached_vae(vae_cache, images, settings, say)
@@ -286,7 +286,7 @@ def build_demo_base(out_dir: Path, settings: BaseSettings = BaseSettings(), *,
         )
         pipeline.save_pretrained(staging, safe_serialization=True)
         shutil.rmtree(staging / "tokenizer")  # our tokenizer files are the source of truth, as in tiny_sd
-        write_tokenizer(staging / "tokenizer", world_words())
+        write_tokenizer(staging / "tokenizer", world_words(), whole_words=True)
         record["weights"] = weight_hashes(staging)
         write_text(staging / BUILD_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     say(f"demo base model written to {out_dir} in {time.perf_counter() - started:.0f}s")

@@ -44,8 +44,43 @@ def build_clip_bpe(words: list[str]) -> tuple[dict[str, int], list[str]]:
     return {token: index for index, token in enumerate(vocab_tokens)}, merges
 
 
-def write_tokenizer(folder: Path, words: list[str] = _CORPUS) -> None:
-    write_tokenizer_files(folder, *build_clip_bpe(words))
+def build_whole_word_bpe(words: list[str]) -> tuple[dict[str, int], list[str]]:
+    """A CLIP-format BPE vocabulary in which every one of `words` is a single token.
+
+    `build_clip_bpe`'s chains interfere: BPE applies the lowest-ranked merge first, so "red"'s "r e" splits
+    "green" into `g re e n`, which no later merge joins. Here each word is first segmented by the merges
+    that exist (as the tokenizer will do), then its pieces are joined left to right by new, higher-ranked
+    merges; an earlier word is already one token, so the new merges cannot touch it.
+    """
+    vocab_tokens = base_tokens()
+    known = set(vocab_tokens)
+    ranks: dict[tuple[str, str], int] = {}
+    for word in dict.fromkeys(words):
+        pieces = _segment(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:
+            ranks.setdefault((pieces[0], pieces[1]), len(ranks))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            if pieces[0] not in known:
+                known.add(pieces[0])
+                vocab_tokens.append(pieces[0])
+    vocab_tokens += [BOS, EOS]
+    merges = [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda item: item[1])]
+    return {token: index for index, token in enumerate(vocab_tokens)}, merges
+
+
+def _segment(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """What BPE makes of `pieces` with these merge ranks: the lowest-ranked adjacent pair joins first."""
+    while len(pieces) > 1:
+        rank, at = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:])))
+        if rank == len(ranks):
+            return pieces
+        pieces = pieces[:at] + [pieces[at] + pieces[at + 1]] + pieces[at + 2:]
+    return pieces
+
+
+def write_tokenizer(folder: Path, words: list[str] = _CORPUS, *, whole_words: bool = False) -> None:
+    """`whole_words`: every word one token (`build_whole_word_bpe`); off keeps tiny-sd's vocabulary as built."""
+    write_tokenizer_files(folder, *(build_whole_word_bpe(words) if whole_words else build_clip_bpe(words)))
 
 
 def _text_encoder(vocab_size: int, bos: int, eos: int) -> CLIPTextModel:
