@@ -34,21 +34,14 @@ class ConceptScores:
     mismatched_model: bool  # the tag scores came from another model than the one that scored the cells
 
 
-def dataset_concept_tags(paths: ProjectPaths, dataset: str, settings: DatasetSettings, images: list[str]) -> list[str]:
+def dataset_concept_tags(scores: pd.DataFrame, settings: DatasetSettings, images: list[str]) -> list[str]:
     """The concept tags of the training `images` (prepared file names), from the dataset's tag scores at its
     caption thresholds (the backend's defaults when unset), as the captions would see them."""
-    scores = pd.read_parquet(require_file(scores_path(paths, dataset), "tag_scores"),
-                             columns=["image", "tag", "category", "score", "backend"])  # fmt: skip
     backend = str(scores["backend"].iloc[0]) if len(scores) else settings.tagging.tagger
     options = caption_options(settings.captions, backend)
     return concept_tags(scores, images, general_threshold=options.general_threshold,
                         character_threshold=options.character_threshold,
                         fraction=settings.evaluation.concept_tag_fraction)  # fmt: skip
-
-
-def _scores_model(paths: ProjectPaths, dataset: str) -> str | None:
-    models = pd.read_parquet(scores_path(paths, dataset), columns=["model"])["model"]
-    return str(models.iloc[0]) if len(models) else None
 
 
 def checkpoint_concept_scores(
@@ -62,7 +55,10 @@ def checkpoint_concept_scores(
     """Per method and step, the mean over its cells whose prompt holds [name] (the cells the CLIP image score
     uses) of the mean probability of the concept tags. A tagger folder that cannot be loaded, or that does not
     know the concept tags, fails without retries: running again would not help."""
-    tags = dataset_concept_tags(paths, dataset, settings, [path.name for path in references])
+    scores = pd.read_parquet(require_file(scores_path(paths, dataset), "tag_scores"),
+                             columns=["image", "tag", "category", "score", "backend", "model"])  # fmt: skip
+    tags = dataset_concept_tags(scores, settings, [path.name for path in references])
+    scores_model = str(scores["model"].iloc[0]) if len(scores) else None
     tagging = settings.tagging
     try:
         model = tagger.load(tagging.tagger, tagging.model)
@@ -79,7 +75,7 @@ def checkpoint_concept_scores(
     scored = with_name.assign(**{COLUMN: per_image.astype(np.float64)})
     per_checkpoint = scored.groupby(["method", "step"])[COLUMN].mean().reset_index()
     return ConceptScores(tags=tags, per_checkpoint=per_checkpoint, tagger_dir=Path(model.model_dir),
-                         mismatched_model=_scores_model(paths, dataset) not in (None, model.fingerprint))  # fmt: skip
+                         mismatched_model=scores_model not in (None, model.fingerprint))  # fmt: skip
 
 
 def first_and_best(frame: pd.DataFrame, method: str) -> tuple[float, float]:
