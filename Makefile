@@ -21,7 +21,7 @@ SYSTEM_STAMP := $(VENV)/.system-$(shell cat .ci/install-system-packages | sha256
 # Steps in pool "gpu" (tagger, training, evaluation) that may run at once on this instance.
 SDP_GPU_POOL_LIMIT ?= 1
 
-.PHONY: setup models gpu-pool demo demo-world ui test clean-data servers
+.PHONY: setup models gpu-pool demo demo-tiny ui test clean-data servers
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -62,12 +62,13 @@ models: setup
 gpu-pool: setup
 	$(VENV)/bin/dagster instance concurrency set gpu $(SDP_GPU_POOL_LIMIT)
 
+# The demo world: an embedding of its new character on its base model (models/demo-base, shipped in git).
 demo: models gpu-pool
 	$(PY) -m pipelines.demo
 
-# The demo world's character on the demo world's base model (models/demo-base: `python -m embedded.demo_base`).
-demo-world: models gpu-pool
-	$(PY) -m pipelines.demo zuzu
+# The tiny random models' demo dataset: every stage in seconds, nothing learned.
+demo-tiny: models gpu-pool
+	$(PY) -m pipelines.demo demo
 
 ui: models gpu-pool
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

@@ -3,7 +3,8 @@
 Run from the project root: `PYTHONPATH=. .venv/bin/python -m bench.demo_base [--model models/demo-base]
 [--tagger models/demo-tagger] [--seeds 8] [--steps 20] [--cfg 5]`
 
-For each prompt (a coloured shape on a coloured simple background, and each base character), images are
+For each prompt (a coloured shape on a coloured simple background, each base character, and the demo concept
+described by its parts as the base model's figures are captioned), images are
 generated with the evaluation grid's own pipeline (training.evaluation.build_pipeline, DPM-Solver) and tagged
 by the demo tagger through the project's WD14 loader. A prompt counts as recognised in an image when the tagger
 scores its asked tags above the caption thresholds (general 0.35, character 0.85). The same images generated
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from embedded.demo_world import BASE_CHARACTERS, caption_of
+from embedded.demo_world import BASE_CHARACTERS, DEMO_CONCEPT, caption_of, character
 from tagging.captions import DEFAULT_THRESHOLDS
 from tagging.categories import CHARACTER_CATEGORY
 from tagging.wd14 import WD14Tagger
@@ -43,6 +44,11 @@ def probes() -> list[Probe]:
     found = [Probe(caption_of([f"{c}_{s}", s, "1_shape", f"{b}_background", "simple_background"]),
                    (f"{c}_{s}",)) for c, s, b in SHAPE_PROMPTS]
     found += [Probe(caption_of([name, "solo", "simple_background"]), (name,)) for name in BASE_CHARACTERS]
+    # The demo concept described by its parts, as the base model's figures are captioned: it was never drawn
+    # under any caption, so this shows whether the model composes characters (what textual inversion needs).
+    zuzu = character(DEMO_CONCEPT)
+    found.append(Probe(caption_of([f"{zuzu.body_colour}_{zuzu.body}", f"{zuzu.head_colour}_{zuzu.head}",
+                                   zuzu.accessory, "solo", "simple_background"]), (DEMO_CONCEPT,)))
     return found
 
 
@@ -54,6 +60,16 @@ def recognised(scores: np.ndarray, names: list[str], categories: list[int], aske
         threshold = thresholds["character"] if categories[column] == CHARACTER_CATEGORY else thresholds["general"]
         ok &= scores[:, column] > threshold
     return ok
+
+
+def generate_images(pipeline, prompt: str, seeds: int, *, steps: int, cfg: float) -> list:
+    """One 64 px image per seed 0..seeds-1, each from its own CPU generator (the grid's seeding)."""
+    return [pipeline(prompt, num_inference_steps=steps, guidance_scale=cfg, height=64, width=64,
+                     generator=torch.Generator().manual_seed(seed)).images[0] for seed in range(seeds)]
+
+
+def tag_images(tagger: WD14Tagger, images: list) -> np.ndarray:
+    return tagger.predict(np.stack([tagger.preprocess(image) for image in images]))
 
 
 def main() -> int:
@@ -74,24 +90,16 @@ def main() -> int:
     started = time.perf_counter()
 
     def generate(prompt: str) -> list:
-        out = []
-        for seed in range(args.seeds):
-            generator = torch.Generator().manual_seed(seed)
-            out.append(pipeline(prompt, num_inference_steps=args.steps, guidance_scale=args.cfg,
-                                generator=generator, height=64, width=64).images[0])
-        return out
+        return generate_images(pipeline, prompt, args.seeds, steps=args.steps, cfg=args.cfg)
 
-    def tag(images: list) -> np.ndarray:
-        return tagger.predict(np.stack([tagger.preprocess(image) for image in images]))
-
-    unconditional = tag(generate(""))
+    unconditional = tag_images(tagger, generate(""))
     sheet = []
     hits = chance = total = 0
     print(f"{'prompt':70s} recognised  chance")
     for probe in probes():
         images = generate(probe.prompt)
         sheet.append(images)
-        found = recognised(tag(images), names, categories, probe.asked)
+        found = recognised(tag_images(tagger, images), names, categories, probe.asked)
         base_rate = recognised(unconditional, names, categories, probe.asked)
         hits += int(found.sum())
         chance += int(base_rate.sum())

@@ -14,9 +14,10 @@ TINY_BLIP = "models/tiny-blip"
 TINY_CLIP = "models/tiny-clip"
 DEMO_DATASET = "datasets/demo"
 DEMO_TAGGER = "models/demo-tagger"  # trained on the demo world (embedded/demo_tagger.py), not random
-# Trained on the demo world by `python -m embedded.demo_base` (about 45 minutes on one core: not a setup step).
+# Trained on the demo world by `python -m embedded.demo_base` (most of an hour on one core: too long for setup, so
+# shipped in git; `python -m embedded.demo_base --verify` rebuilds it and compares the bytes).
 DEMO_BASE = "models/demo-base"
-WORLD_DATASET = "datasets/zuzu"  # the demo world's new concept, what `make demo-world` trains
+WORLD_DATASET = "datasets/zuzu"  # the demo world's new concept, what `make demo` trains
 
 
 def build_missing(root: Path, *, trained: bool = False) -> dict[str, Path]:

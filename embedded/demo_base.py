@@ -1,9 +1,11 @@
 """The demo base model: a small SD-1.x-architecture model trained on captioned images of the demo world.
 
-Why: a random tiny model runs the pipeline but cannot learn anything a person can see. This one has been
-trained (on the CPU, in minutes) to draw the world's shapes, colours, backgrounds and characters from their
-tags, so a textual-inversion embedding of a character it has never seen (`DEMO_CONCEPT`) visibly appears in
-the evaluation grid, and the demo tagger can measure it.
+Why: a random tiny model runs the pipeline but cannot learn anything a person can see. This one is trained
+(on the CPU) to draw the world's shapes, colours, backgrounds and characters from their tags, so that a
+textual-inversion embedding of a character it has never seen (`DEMO_CONCEPT`) can appear in the evaluation
+grid, and the demo tagger can measure it. Its training scenes hold one object each: a shape, a named base
+character, or an unnamed "figure" of random parts captioned by them (`demo_world.sample_base_scene`), so the
+model learns how characters are composed, which an embedding of a new one relies on.
 
 Architecture: SD 1.x's components and folder layout (a CLIP text encoder, a cross-attention
 `UNet2DConditionModel`, a KL `AutoencoderKL`, a CLIP BPE tokenizer), at small widths. Two departures, both
@@ -17,9 +19,8 @@ Reproducible: every random draw comes from the seeds in `BaseSettings`, kernels 
 thread count is fixed, so the same torch build on the same CPU rewrites the same bytes (`--verify FOLDER`
 rebuilds and checks the weights against FOLDER's `build.json`).
 
-Status: with these settings (about 45 minutes on one core) backgrounds follow the prompt but objects do not
-yet (bench/demo_base.py: the demo tagger finds the asked shape or character in 0 of 88 images), so the model is not shipped
-and `make demo` still runs the tiny random model.
+The build takes most of an hour on one core, longer than setup may take, so its output is shipped in git
+(`models/demo-base`); how well it draws is measured by bench/demo_base.py and reported in the README.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from common.atomic import write_text
 from common.hashing import file_sha256, json_sha256
 from embedded.corpus import WORDS as CORPUS_WORDS
 from embedded.demo_tagger import deterministic_torch
-from embedded.demo_world import BASE_CHARACTERS, caption_of, vocabulary, world_images
+from embedded.demo_world import caption_of, base_world_images, vocabulary
 from embedded.staging import staged_folder
 from embedded.tiny_sd import write_tokenizer
 
@@ -56,15 +57,17 @@ SIDE = 64  # image side the model is trained at (the demo dataset's preprocess.s
 class BaseSettings:
     seed: int = 0
     world_seed: int = 3000  # the tagger trains on world 1000 and is benchmarked on 2000
-    images: int = 8000
-    character_probability: float = 0.35
+    images: int = 8000  # drawn by demo_world.sample_base_scene: one shape, figure or base character each
     threads: int = 1  # one order of sums on any machine, and no oversubscription on shared cores
-    vae_steps: int = 800
+    vae_steps: int = 3000
     vae_batch: int = 16
     vae_crop: int = 32  # the VAE is fully convolutional: it trains on crops, 4x cheaper than whole images
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 4000
+    vae_loss: str = "l1"  # "l1" keeps edges sharper than "mse" (SD's autoencoder also trains on L1)
+    unet_width: int = 32  # channels of the first level (the two lower levels have twice as many)
+    unet_layers: int = 1  # ResNet (+ transformer) layers per level
+    unet_steps: int = 9000
     unet_batch: int = 16
     unet_learning_rate: float = 1e-3
     warmup_steps: int = 200
@@ -88,13 +91,13 @@ def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     ))
 
 
-def _unet(cross_attention_dim: int) -> UNet2DConditionModel:
+def _unet(cross_attention_dim: int, width: int, layers: int) -> UNet2DConditionModel:
     # SD 1.x's blocks (ResNet + cross-attention transformer levels, a cross-attention mid block), 3 levels. The
     # attention sits on the two lower levels rather than the upper ones: at 16x16 it would cost a CPU build
     # most of its time, and shapes of this world span a few latent pixels, which the 8x8 level sees whole.
     return UNet2DConditionModel(
-        sample_size=SIDE // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64, 64),
+        sample_size=SIDE // 4, in_channels=4, out_channels=4, layers_per_block=layers,
+        block_out_channels=(width, 2 * width, 2 * width),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=16,
@@ -127,8 +130,8 @@ def _to_pixels(images: np.ndarray) -> torch.Tensor:
 
 
 def train_vae(images: np.ndarray, settings: BaseSettings, log: Callable[[str], None]) -> AutoencoderKL:
-    """MSE reconstruction of random crops with a small KL term, as SD's autoencoder minus its perceptual and
-    adversarial losses (the world has flat colours and hard edges, which MSE reconstructs well)."""
+    """L1 (or MSE) reconstruction of random crops with a small KL term: SD's autoencoder loss minus its
+    perceptual and adversarial terms, which the world's flat colours and hard edges do not need."""
     vae = _vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_learning_rate, weight_decay=0.0)
     rng = np.random.default_rng([settings.seed, 1])
@@ -145,7 +148,8 @@ def train_vae(images: np.ndarray, settings: BaseSettings, log: Callable[[str], N
         latents = posterior.mean + posterior.std * torch.from_numpy(
             rng.standard_normal(posterior.mean.shape, dtype=np.float32))
         reconstruction = vae.decode(latents).sample
-        loss = nn.functional.mse_loss(reconstruction, batch) + settings.vae_kl_weight * posterior.kl().mean()
+        distance = nn.functional.l1_loss if settings.vae_loss == "l1" else nn.functional.mse_loss
+        loss = distance(reconstruction, batch) + settings.vae_kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -180,7 +184,7 @@ def train_unet(
     pure-noise end of the zero-terminal-SNR schedule, where the prompt sets the colours and layout, fully in
     the loss); return their exponential moving averages (what sampling uses)."""
     torch.manual_seed(settings.seed + 3)
-    unet = _unet(text_encoder.config.hidden_size)
+    unet = _unet(text_encoder.config.hidden_size, settings.unet_width, settings.unet_layers)
     scheduler = DDPMScheduler.from_config(DDIMScheduler(**_schedule()).config)
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=settings.unet_learning_rate, weight_decay=0.01)
@@ -225,7 +229,7 @@ def train_unet(
 def _cached_vae(cache: Path | None, images: np.ndarray, settings: BaseSettings,
                 log: Callable[[str], None]) -> AutoencoderKL:
     key = json_sha256([asdict(settings)[k] for k in sorted(asdict(settings)) if k.startswith("vae") or k in
-                       ("seed", "world_seed", "images", "character_probability", "threads")])
+                       ("seed", "world_seed", "images", "threads")])
     if cache is not None and Path(cache).is_file():
         saved = torch.load(cache, weights_only=True)
         if saved.get("key") == key:
@@ -261,8 +265,7 @@ def build_demo_base(out_dir: Path, settings: BaseSettings = BaseSettings(), *,
     say = log or (lambda message: None)
     started = time.perf_counter()
     record = build_record(settings)  # the code as it is now, not as it may be edited during the build
-    world = list(world_images(settings.world_seed, settings.images, side=SIDE, characters=BASE_CHARACTERS,
-                              character_probability=settings.character_probability))
+    world = list(base_world_images(settings.world_seed, settings.images, side=SIDE))
     images = np.stack([np.asarray(item.image) for item in world])
     captions = [caption_of(item.tags) for item in world]
     say(f"rendered {len(world)} world images in {time.perf_counter() - started:.1f}s")

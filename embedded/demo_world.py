@@ -84,13 +84,19 @@ _BY_NAME = {c.name: c for c in CHARACTERS}
 class WorldObject:
     """One thing drawn in a scene, in fractions of the side: centre (x, y) and radius."""
 
-    kind: str  # "shape" or "character"
-    name: str  # the shape (a SHAPES entry) or the character's name
-    colour: str  # the shape's colour; a character's body colour
-    texture: str  # a TEXTURES entry ("solid" for characters)
+    kind: str  # "shape", "character" or "figure" (an unnamed character of random parts)
+    name: str  # the shape (a SHAPES entry), the character's name, or "figure"
+    colour: str  # the shape's colour; a character's or figure's body colour
+    texture: str  # a TEXTURES entry ("solid" for characters and figures)
     x: float
     y: float
     radius: float
+    parts: Character | None = None  # a figure's parts
+
+    @property
+    def character(self) -> Character:
+        """The character or figure drawn (its parts and colours)."""
+        return self.parts if self.parts is not None else _BY_NAME[self.name]
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,9 @@ class Scene:
         for thing in self.objects:
             if thing.kind == "character":
                 tags += [thing.name, _BY_NAME[thing.name].accessory, SOLO_TAG]
+            elif thing.kind == "figure":  # described by its parts: the body's colour and shape, then the head's
+                who = thing.character
+                tags += [f"{who.body_colour}_{who.body}", f"{who.head_colour}_{who.head}", who.accessory, SOLO_TAG]
         for shape in self.shapes:
             tags += [f"{shape.colour}_{shape.name}", shape.name]
             if shape.texture != "solid":
@@ -200,10 +209,61 @@ def sample_scene(
 
 
 def _character_colours(thing: WorldObject) -> tuple[str, ...]:
-    if thing.kind != "character":
+    if thing.kind == "shape":
         return ()
-    who = _BY_NAME[thing.name]
+    who = thing.character
     return who.body_colour, who.head_colour, who.accessory_colour
+
+
+# What the demo base model is trained on: one object per scene, so every caption word has one referent, and
+# backgrounds weighted towards the plain ones the evaluation prompts ask for.
+BASE_OBJECT_KINDS = {"shape": 0.45, "figure": 0.35, "character": 0.2}
+BASE_BACKGROUNDS = {"simple": 0.4, "gradient": 0.3, "noisy": 0.15, "patterned": 0.15}
+
+
+def random_figure(rng: np.random.Generator) -> Character:
+    """An unnamed character of random parts (body and head shapes and colours, an accessory and its colour),
+    never one whose body and head both match a named character's: the base model learns how characters are
+    composed without ever seeing the demo concept (or any named character) drawn under another caption."""
+    while True:
+        body, head = (SHAPES[int(i)] for i in rng.integers(len(SHAPES), size=2))
+        body_colour, head_colour, accessory_colour = (
+            SHAPE_COLOURS[int(i)] for i in rng.choice(len(SHAPE_COLOURS), size=3, replace=False))
+        accessory = ACCESSORIES[int(rng.integers(len(ACCESSORIES)))]
+        if not any((c.body, c.body_colour, c.head, c.head_colour) == (body, body_colour, head, head_colour)
+                   for c in CHARACTERS):
+            return Character("figure", body, body_colour, head, head_colour, accessory, accessory_colour)
+
+
+def _pick(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    names = list(weights)
+    return names[int(rng.choice(len(names), p=np.asarray(list(weights.values())) / sum(weights.values())))]
+
+
+def sample_base_scene(rng: np.random.Generator, *, characters: Sequence[str] = BASE_CHARACTERS,
+                      kinds: dict[str, float] = BASE_OBJECT_KINDS) -> Scene:
+    """A scene for the demo base model: one large shape, figure or named character (drawn with `kinds`'
+    weights) on a background (`BASE_BACKGROUNDS`) whose colour the object does not use."""
+    kind = _pick(rng, kinds) if characters else "shape"
+    if kind == "shape":
+        radius = float(rng.uniform(0.18, 0.34))
+        colour = SHAPE_COLOURS[int(rng.integers(len(SHAPE_COLOURS)))]
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        texture = TEXTURES[0] if rng.random() < 0.5 else TEXTURES[int(rng.integers(1, len(TEXTURES)))]
+        thing = WorldObject("shape", shape, colour, texture, *_free_spot(rng, radius, []), radius)
+    else:
+        radius = float(rng.uniform(0.27, 0.36))
+        who = random_figure(rng) if kind == "figure" else character(characters[int(rng.integers(len(characters)))])
+        thing = WorldObject(kind, who.name, who.body_colour, "solid", *_free_spot(rng, radius, []), radius,
+                            who if kind == "figure" else None)
+    free = [c for c in BACKGROUND_COLOURS if c not in {thing.colour, *_character_colours(thing)}]
+    return Scene(
+        background=_pick(rng, BASE_BACKGROUNDS),
+        background_colour=free[int(rng.integers(len(free)))],
+        pattern=int(rng.integers(4)),
+        objects=(thing,),
+        texture_seed=int(rng.integers(2**31)),
+    )
 
 
 def _free_spot(rng: np.random.Generator, radius: float, placed: list[WorldObject]) -> tuple[float, float] | None:
@@ -229,7 +289,7 @@ def render_scene(scene: Scene, side: int) -> Image.Image:
             _paint_shape(canvas, thing.name, thing.x * side, thing.y * side, thing.radius * side,
                          COLOURS[thing.colour], thing.texture)
         else:
-            _paint_character(canvas, _BY_NAME[thing.name], thing.x * side, thing.y * side, thing.radius * side)
+            _paint_character(canvas, thing.character, thing.x * side, thing.y * side, thing.radius * side)
     return Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), "RGB")
 
 
@@ -430,10 +490,18 @@ def world_images(
                           character_probability=character_probability)
 
 
-def concept_images(seed: int, count: int, *, side: int | tuple[int, int] = 96,
-                   concept: str = DEMO_CONCEPT) -> Iterator[WorldImage]:
-    """Images that all show `concept` (the demo dataset: one new character in varied scenes)."""
-    return world_images(seed, count, side=side, characters=(concept,), character_probability=1.0)
+def base_world_images(seed: int, count: int, *, side: int = 64, characters: Sequence[str] = BASE_CHARACTERS,
+                      kinds: dict[str, float] = BASE_OBJECT_KINDS) -> Iterator[WorldImage]:
+    """Images 0..count-1 of world `seed` drawn by `sample_base_scene` (the demo base model's training set)."""
+    for index in range(count):
+        scene = sample_base_scene(np.random.default_rng([seed, index]), characters=characters, kinds=kinds)
+        yield WorldImage(seed, index, scene, render_scene(scene, side))
+
+
+def concept_images(seed: int, count: int, *, side: int = 96, concept: str = DEMO_CONCEPT) -> Iterator[WorldImage]:
+    """Images that all show `concept` alone, in the base model's kind of scene (the demo dataset: one new
+    character the base model learns as an embedding)."""
+    return base_world_images(seed, count, side=side, characters=(concept,), kinds={"character": 1.0})
 
 
 # ---------------------------------------------------------------------------------------------- datasets

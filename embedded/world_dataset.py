@@ -33,20 +33,23 @@ captions:
 training:
   embedding_name: {EMBEDDING_NAME}
   initialization_text: character
-  vectors_per_token: 2
-  learning_rate: "0.01:100, 0.005"
+  # 6 vectors, as many tokens as a base character's name (`bolt \\(world\\)`): the caption's other tags then
+  # sit where the base model's small text encoder learned to read them (with 2, the background colours were lost)
+  vectors_per_token: 6
+  # A slow first 50 steps, so the first checkpoints show the base model before the concept forms
+  learning_rate: "0.0005:50, 0.005"
   batch_size: 8
-  max_steps: 300
+  max_steps: 150
   template: tags       # "[name], [filewords]": the base model was trained on tag captions, not sentences
-  save_embedding_every: 50
+  save_embedding_every: 25
 
 evaluation:
   prompts:
     - "[name], solo, blue background, simple background"
     - "[name], hat, solo, pink background, gradient background"
   seeds: [1, 2]
-  steps: 12
-  cfg_scale: 4
+  steps: 20
+  cfg_scale: 5
   tagger_scores: true  # the demo tagger's concept tags on the generated images, per checkpoint
 """
 

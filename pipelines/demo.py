@@ -1,9 +1,10 @@
-"""`make demo`: materialise every asset of the `demo` dataset into the project's Dagster instance.
+"""`make demo`: materialise every asset of the demo world's dataset (`zuzu`) into the project's Dagster
+instance, with the demo world's models as defaults (models/demo-base, models/demo-tagger; SDP_BASE_MODEL and
+SDP_WD14_MODEL still override them), and print how far the embedding brought the concept.
 
-`python -m pipelines.demo zuzu` (`make demo-world`) does the same for the demo world's new character, with the
-demo world's models as defaults (models/demo-base, models/demo-tagger); SDP_BASE_MODEL and SDP_WD14_MODEL
-still override them. The runs are recorded in DAGSTER_HOME (dagster_home/), so `make ui` shows them in the run
-history.
+`python -m pipelines.demo demo` (`make demo-tiny`) runs the tiny random models' `demo` dataset instead: seconds
+per stage, for checking that the pipeline runs. The runs are recorded in DAGSTER_HOME (dagster_home/), so
+`make ui` shows them in the run history.
 """
 
 from __future__ import annotations
@@ -25,20 +26,20 @@ from assets.trained_methods import grid_file
 from embedded import DEMO_BASE, DEMO_TAGGER, build_missing
 from resources import PROJECT_ROOT
 
-DATASET = "demo"
-WORLD = "zuzu"  # the demo world's dataset (embedded/world_dataset.py)
+WORLD = "zuzu"  # the demo world's dataset (embedded/world_dataset.py): what `make demo` trains
+TINY = "demo"  # the tiny random models' dataset (embedded/demo_dataset.py)
 # Step-level DEBUG events stay in the instance (and the UI); the terminal gets the progress lines.
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 def main(argv: list[str]) -> int:
-    dataset = argv[0] if argv else DATASET
+    dataset = argv[0] if argv else WORLD
     if dataset == WORLD:
         os.environ.setdefault("SDP_BASE_MODEL", DEMO_BASE)
         os.environ.setdefault("SDP_WD14_MODEL", DEMO_TAGGER)
         if not (PROJECT_ROOT / os.environ["SDP_BASE_MODEL"]).exists():
-            print(f"{os.environ['SDP_BASE_MODEL']} is missing: build the demo world's base model first with "
-                  f"`PYTHONPATH=. .venv/bin/python -m embedded.demo_base {DEMO_BASE}` (about 45 minutes on one core)")
+            print(f"{os.environ['SDP_BASE_MODEL']} is missing: it is shipped in git (git checkout -- {DEMO_BASE}); "
+                  f"`PYTHONPATH=. .venv/bin/python -m embedded.demo_base {DEMO_BASE}` rebuilds it (about an hour)")
             return 2
     from pipelines.definitions import defs  # after the defaults above: the resources read them at import
 

@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def embedded_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny-sd, tiny-wd14 and the demo dataset, built exactly as `make demo` builds them."""
+    """tiny-sd, tiny-wd14 and the demo dataset, built exactly as `make models` builds them."""
     from embedded import build_missing
 
     root = tmp_path_factory.mktemp("embedded")

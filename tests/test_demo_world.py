@@ -16,8 +16,10 @@ from embedded.demo_world import (
     ALL_CHARACTERS,
     BASE_CHARACTERS,
     COLOURS,
+    CHARACTERS,
     DEMO_CONCEPT,
     SHAPES,
+    base_world_images,
     caption_of,
     character,
     character_layout,
@@ -137,11 +139,39 @@ def test_vocabulary_covers_every_tag_and_the_demo_concept_stays_out_of_base_scen
     assert all(DEMO_CONCEPT in item.tags for item in concept_images(0, 10, side=64))
 
 
+def test_base_scenes_hold_one_object_and_never_the_demo_concept() -> None:
+    """The base model's training set: one shape, figure or base character per image; figures are composed of
+    random parts but never with a named character's body and head, so the demo concept stays new."""
+    names = {name for name, _ in vocabulary()}
+    items = list(base_world_images(5, 300, side=64))
+    assert [png_bytes(i.image) for i in items[:4]] == [png_bytes(i.image) for i in base_world_images(5, 4, side=64)]
+    kinds = [item.scene.objects[0].kind for item in items]
+    assert all(len(item.scene.objects) == 1 for item in items)
+    assert {kind: kinds.count(kind) > 40 for kind in ("shape", "figure", "character")} == dict.fromkeys(
+        ("shape", "figure", "character"), True)
+    named = {(c.body, c.body_colour, c.head, c.head_colour) for c in CHARACTERS}
+    for item in items:
+        thing = item.scene.objects[0]
+        assert set(item.tags) <= names and DEMO_CONCEPT not in item.tags
+        assert item.scene.background_colour != thing.colour
+        if thing.kind == "figure":
+            who = thing.character
+            assert (who.body, who.body_colour, who.head, who.head_colour) not in named
+            assert item.tags[:4] == (f"{who.body_colour}_{who.body}", f"{who.head_colour}_{who.head}", who.accessory, "solo")
+            # drawn as described: the body's colour below the centre, the head's above
+            for part, shape, colour in (("body", who.body, who.body_colour), ("head", who.head, who.head_colour)):
+                x, y, r = character_layout(who, thing.x, thing.y, thing.radius)[part]
+                x += 0.77 * r if shape == "ring" else 0.0  # a ring's band, not its hole
+                assert nearest_colour(pixel(item.image, x, y)) == colour
+    concept = list(concept_images(0, 10, side=64))
+    assert all(item.tags[0] == DEMO_CONCEPT and len(item.scene.objects) == 1 for item in concept)
+
+
 # ----------------------------------------------------------------------------------------------- datasets
 
 
 def test_dataset_writer_writes_images_with_true_captions(tmp_path: Path) -> None:
-    images = list(concept_images(1, 5, side=(64, 96)))
+    images = list(concept_images(1, 5, side=80))
     folder = write_captioned_dataset(tmp_path / "zuzu", images, exclude_tags=[DEMO_CONCEPT], prefix="zuzu")
     pngs = sorted(folder.glob("*.png"))
     assert [p.stem for p in pngs] == [f"zuzu_1_{i:05d}" for i in range(5)]
