@@ -27,7 +27,6 @@ from embedded import DEMO_BASE, DEMO_TAGGER, build_missing
 from resources import PROJECT_ROOT
 
 WORLD = "zuzu"  # the demo world's dataset (embedded/world_dataset.py): what `make demo` trains
-TINY = "demo"  # the tiny random models' dataset (embedded/demo_dataset.py)
 # Step-level DEBUG events stay in the instance (and the UI); the terminal gets the progress lines.
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 

@@ -15,9 +15,9 @@ from assets.evaluation_metrics import METRICS_TABLE
 from assets.partitions import datasets_partitions
 from embedded import DEMO_BASE, DEMO_TAGGER
 from embedded.world_dataset import build_world_dataset
+from pipelines.demo import WORLD
 
 ROOT = Path(__file__).resolve().parents[1]
-WORLD = "zuzu"
 
 
 @pytest.mark.slow
